@@ -1,0 +1,95 @@
+"""Fused residual-add + LayerNorm / RMSNorm."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
+                     stride_x, stride_r, stride_y, stride_h,
+                     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        # The sum is rounded to x's dtype before the statistics, as the unfused model does.
+        h = h + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / N + eps)
+        # HF Llama rounds to the activation dtype before the weight multiply.
+        y = ((hf * rstd).to(h.dtype).to(tl.float32) * w).to(h.dtype)
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(h.dtype)
+    else:
+        mean = tl.sum(hf, 0) / N
+        d = tl.where(mask, hf - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / N + eps)
+        y = d * rstd * w
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`add_norm_ref`: one program per row, one pass over memory."""
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if residual is None:
+        r2, h = x2, x
+    else:
+        r2 = residual.reshape(-1, N)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h2 = h.view(-1, N)
+    if x2.shape[0]:
+        BLOCK = triton.next_power_of_2(N)
+        _add_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight, weight if bias is None else bias, y, h2, N, eps,
+            x2.stride(0), r2.stride(0), y.stride(0), h2.stride(0),
+            HAS_RES=residual is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK=BLOCK,
+            num_warps=min(max(BLOCK // 512, 1), 16))
+    return y.view(x.shape), h
+
+
+def add_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (norm(x + residual) * weight + bias, x + residual).
+
+    With residual None the sum is x itself. The statistics are taken in float32, as
+    transformers does, and the outputs keep x's dtype.
+    """
+    h = x if residual is None else x + residual
+    hf = h.float()
+    if rms:
+        y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+        y = y.to(x.dtype) * weight  # HF Llama casts before the weight multiply
+    else:
+        y = torch.nn.functional.layer_norm(hf, (h.shape[-1],), weight.float(),
+                                           None if bias is None else bias.float(), eps).to(x.dtype)
+        return y, h
+    if bias is not None:
+        y = y + bias
+    return y, h

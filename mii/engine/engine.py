@@ -1,0 +1,189 @@
+"""The engine: add requests, step, abort. One step is schedule, run, postprocess."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from mii.config import EngineConfig, SamplingParams
+from mii.model.source import resolve_model_path
+from mii.policies import policy_for
+from mii.policies.base import resolve
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .output import Completion, Detokenizer, RequestOutput
+from .scheduler import ScheduledSeq, Scheduler
+from .sequence import Sequence, Status, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+
+def default_dtype(device: torch.device, config) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    stored = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    return torch.bfloat16 if str(stored).endswith("bfloat16") else torch.float16
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.path = str(resolve_model_path(config.model, show_progress=config.show_progress))
+        hf_config = AutoConfig.from_pretrained(self.path, trust_remote_code=config.trust_remote_code)
+        self.architecture, policy = policy_for(hf_config)
+        self.spec = resolve(policy, hf_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=config.trust_remote_code)
+        self.device = config.resolved_device()
+        self.dtype = config.dtype or default_dtype(self.device, hf_config)
+        self.eos_token_ids = _eos_ids(hf_config, self.tokenizer, self.path)
+        self.runner = ModelRunner(config, self.spec, self.path, self.device, self.dtype, self.eos_token_ids)
+        capacity = self.runner.num_blocks * config.block_size
+        model_len = self.spec.max_positions
+        if config.max_model_len is not None:
+            if config.max_model_len > model_len and self.spec.policy.position == "learned":
+                raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's "
+                                 f"{model_len} learned positions")
+            if config.max_model_len > capacity:
+                raise ValueError(f"max_model_len={config.max_model_len} does not fit the KV cache "
+                                 f"({capacity} tokens); raise the KV budget or lower max_model_len")
+            model_len = config.max_model_len
+        self.max_model_len = min(model_len, capacity)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.detok: dict[str, Detokenizer] = {}
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not prompt or not all(isinstance(t, int) and 0 <= t < self.spec.vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be a non-empty list of ints in [0, {self.spec.vocab})")
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("prompt is empty after tokenization")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len={self.max_model_len} "
+                             f"leaves no room to generate")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seq = Sequence(rid, ids, len(ids), params)
+        if params.seed is not None:
+            seq.generator = self.runner.sampler.new_generator(params.seed)
+        self.seqs[rid] = seq
+        self.detok[rid] = Detokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; its final output, or None if unknown."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._emit(seq, [], [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens, logprobs = self.runner.run(batch)
+        return self.postprocess(batch, tokens, logprobs)
+
+    def postprocess(self, batch: list[ScheduledSeq], tokens: list[int],
+                    logprobs: list[TokenLogprob | None]) -> list[RequestOutput]:
+        outputs = []
+        sampled = iter(zip(tokens, logprobs))
+        now = time.monotonic()
+        for item in batch:
+            seq = item.seq
+            samples = item.samples
+            seq.num_computed += item.num_tokens
+            if not samples:
+                continue
+            token, lp = next(sampled)
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._check_finish(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._emit(seq, [token], [lp] if lp is not None else []))
+        return outputs
+
+    def _check_finish(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if self.detok[seq.request_id].add(seq.token_ids):
+            return "stop"
+        if seq.num_generated >= p.min_new_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+                return "stop"
+        if seq.num_generated >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _emit(self, seq: Sequence, new_ids: list[int], lps: list[TokenLogprob]) -> RequestOutput:
+        d = self.detok[seq.request_id]
+        text = d.take(seq.finished)
+        if seq.finished:
+            del self.seqs[seq.request_id], self.detok[seq.request_id]
+        return RequestOutput(seq.request_id, text, new_ids, lps, seq.finished, seq.finish_reason,
+                             seq.num_prompt, seq.num_generated, d.text if seq.finished else d.text[:d.emitted])
+
+    # -- blocking convenience ---------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[Completion]:
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        done: dict[str, Completion] = {}
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        lps: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
+        prompt_of = dict(zip(ids, prompts))
+        while len(done) < len(ids):
+            for out in self.step():
+                tokens[out.request_id] += out.token_ids
+                lps[out.request_id] += out.logprobs
+                if out.finished:
+                    done[out.request_id] = Completion(
+                        out.request_id, prompt_of[out.request_id], out.generated_text, tokens[out.request_id],
+                        out.finish_reason, out.prompt_tokens, out.generated_tokens, lps[out.request_id])
+        return [done[i] for i in ids]
+
+    @property
+    def stats(self) -> dict:
+        return {"kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": self.blocks.num_free,
+                "kv_cache_usage": self.blocks.usage, "num_running": len(self.scheduler.running),
+                "num_waiting": len(self.scheduler.waiting), "num_preemptions": self.scheduler.num_preemptions}
+
+
+def _eos_ids(config, tokenizer, path: str) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(src)
+    try:  # generation_config.json often lists more end tokens (e.g. chat turn ends)
+        from transformers import GenerationConfig
+        gen = GenerationConfig.from_pretrained(path)
+        e = gen.eos_token_id
+        ids.update([e] if isinstance(e, int) else (e or []))
+    except OSError:  # no generation_config.json
+        pass
+    return ids

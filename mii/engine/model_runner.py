@@ -1,0 +1,103 @@
+"""Per-rank execution: load the model, size and bind the KV cache, turn a scheduled
+batch into tensors, run the forward pass and sample."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from mii.config import EngineConfig
+from mii.model.decoder import BatchContext, DecoderModel
+from mii.model.loader import load_model
+from mii.model.ops import ops_for
+from mii.policies.base import ModelSpec
+from .sampler import Sampler
+from .scheduler import ScheduledSeq
+from .sequence import TokenLogprob
+
+log = logging.getLogger(__name__)
+
+CPU_KV_BYTES = 512 << 20  # fixed KV budget on CPU, where free memory says little
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, spec: ModelSpec, path: str, device: torch.device,
+                 dtype: torch.dtype, eos_token_ids: set[int]):
+        self.config, self.spec, self.device, self.dtype = config, spec, device, dtype
+        self.model: DecoderModel = load_model(path, spec, dtype, device, config.show_progress)
+        self.ops = ops_for(device)
+        self.block_size = config.block_size
+        self.num_blocks = self._num_blocks()
+        self._allocate_kv()
+        self.sampler = Sampler(spec.vocab, eos_token_ids, device, config.seed)
+
+    def _num_blocks(self) -> int:
+        attn = self.model.layers[0].attn
+        per_block = (2 * self.spec.num_layers * self.block_size * attn.kv_heads * attn.head_dim
+                     * torch.empty(0, dtype=self.dtype).element_size())
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.config.kv_cache_bytes is not None:
+            budget = self.config.kv_cache_bytes
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.kv_cache_fraction)
+        else:
+            budget = CPU_KV_BYTES
+        n = budget // per_block
+        if n < 1:
+            raise ValueError(f"KV-cache budget of {budget} bytes holds no block of {per_block} bytes")
+        return n
+
+    def _allocate_kv(self) -> None:
+        attn = self.model.layers[0].attn
+        shape = (self.spec.num_layers, 2, self.num_blocks, self.block_size, attn.kv_heads, attn.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.attn.k_cache, layer.attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, BatchContext]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        ctx_lens: list[int] = []
+        logits_idx: list[int] = []
+        bs = self.block_size
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.num_tokens
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            cu.append(cu[-1] + item.num_tokens)
+            ctx_lens.append(end)
+            if item.samples:
+                logits_idx.append(cu[-1] - 1)
+        width = max(len(item.seq.block_table) for item in batch)
+        tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch]
+
+        def t(x, dtype):
+            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+
+        ctx = BatchContext(
+            positions=t(positions, torch.long), slot_mapping=t(slots, torch.long),
+            block_tables=t(tables, torch.int32), cu_seqlens_q=t(cu, torch.int32),
+            context_lens=t(ctx_lens, torch.int32), logits_indices=t(logits_idx, torch.long))
+        return t(ids, torch.long), ctx
+
+    @torch.inference_mode()
+    def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """[S, vocab] float32 logits for the sequences that sample this step."""
+        input_ids, ctx = self.prepare(batch)
+        return self.model(input_ids, ctx, self.ops)
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One forward step; returns a token (and logprob) per sampling sequence, in order."""
+        logits = self.logits(batch)
+        sampling = [item.seq for item in batch if item.samples]
+        if not sampling:
+            return [], []
+        return self.sampler(logits, sampling)

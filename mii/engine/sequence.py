@@ -1,0 +1,59 @@
+"""A request as the engine tracks it: tokens, progress through them, and its KV blocks."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mii.config import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    """One request. ``num_computed`` counts tokens whose K/V sit in the cache; the
+    scheduler feeds ``token_ids[num_computed:]`` in chunks until it catches up, and only
+    then is a new token sampled. Preemption resets ``num_computed`` to 0 (recompute)."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt: int
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,133 @@
+"""The one generic decoder. Every architecture is this code plus a policy.
+
+A step's tokens arrive packed ([T] ids, no padding): prefill chunks and decodes side
+by side. Blocks hand on (out, residual) so that each residual add fuses into the next
+norm, as in vLLM: the true hidden state is always out + residual.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from mii.policies.base import ModelSpec, alibi_slopes
+from .layers import GatedUpLinear, Linear, Norm, PositionEmbedding, QKVLinear, VocabEmbedding
+from .ops import Ops
+from .parallel import TP
+
+
+@dataclass(slots=True)
+class BatchContext:
+    """Per-step inputs besides the token ids; fixed-shape buffers under CUDA graphs."""
+
+    positions: torch.Tensor      # [T] int64
+    slot_mapping: torch.Tensor   # [T] int64, -1 = padding
+    block_tables: torch.Tensor   # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor   # [B + 1] int32
+    context_lens: torch.Tensor   # [B] int32, KV length after this step
+    logits_indices: torch.Tensor  # [S] int64, rows of T whose next token is sampled
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+        super().__init__()
+        self.qkv = QKVLinear(spec.hidden, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.qkv_bias, dtype)
+        self.o = Linear(spec.num_heads * spec.head_dim, spec.hidden, spec.o_bias, "row", dtype)
+        self.heads, self.kv_heads, self.head_dim = self.qkv.heads, self.qkv.kv_heads, spec.head_dim
+        self.scale = spec.head_dim ** -0.5
+        self.rotary_dim = spec.rotary_dim
+        self.interleaved = spec.policy.rotary_interleaved
+        self.window = spec.sliding_window
+        self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
+
+    def forward(self, x: torch.Tensor, ctx: BatchContext, ops: Ops, cos_sin, alibi) -> torch.Tensor:
+        T, D = x.shape[0], self.head_dim
+        q, k, v = self.qkv(x).split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
+        q = ops.rotary_cache(q.view(T, self.heads, D), k.view(T, self.kv_heads, D), v.view(T, self.kv_heads, D),
+                             ctx.positions, cos_sin, self.rotary_dim, self.interleaved,
+                             self.k_cache, self.v_cache, ctx.slot_mapping)
+        o = ops.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
+                                ctx.context_lens, self.scale, alibi, self.window)
+        return self.o(o.reshape(T, self.heads * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+        super().__init__()
+        if spec.policy.gated_mlp:
+            self.up = GatedUpLinear(spec.hidden, spec.intermediate, spec.mlp_bias, dtype)
+        else:
+            self.up = Linear(spec.hidden, spec.intermediate, spec.mlp_bias, "column", dtype, fuse_bias=False)
+        self.down = Linear(spec.intermediate, spec.hidden, spec.mlp_bias, "row", dtype)
+        self.act = spec.activation
+
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return self.down(ops.bias_act(self.up(x), self.up.bias, self.act))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+        super().__init__()
+        p = spec.policy
+        rms = p.norm == "rms"
+        self.parallel = spec.parallel_residual
+        self.shared_norm = p.shared_input_norm
+        self.ln1 = Norm(spec.hidden, rms, spec.eps, dtype)
+        self.attn = Attention(spec, dtype)
+        self.ln2 = None if p.shared_input_norm else Norm(spec.hidden, rms, spec.eps, dtype)
+        self.mlp = MLP(spec, dtype)
+
+    def forward(self, x, residual, ctx: BatchContext, ops: Ops, cos_sin, alibi):
+        h, residual = ops.add_norm(x, residual, self.ln1.weight, self.ln1.bias, self.ln1.eps, self.ln1.rms)
+        a = self.attn(h, ctx, ops, cos_sin, alibi)
+        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x)); GPT-J reuses ln1's output
+            if not self.shared_norm:
+                h, _ = ops.add_norm(residual, None, self.ln2.weight, self.ln2.bias, self.ln2.eps, self.ln2.rms)
+            return a + self.mlp(h, ops), residual
+        h, residual = ops.add_norm(a, residual, self.ln2.weight, self.ln2.bias, self.ln2.eps, self.ln2.rms)
+        return self.mlp(h, ops), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+        super().__init__()
+        p = spec.policy
+        self.spec, self.dtype = spec, dtype
+        rms = p.norm == "rms"
+        self.embed = VocabEmbedding(spec.vocab, spec.hidden, dtype)
+        self.pos_embed = None
+        if p.position == "learned":
+            self.pos_embed = PositionEmbedding(spec.max_positions + p.learned_pos_offset, spec.hidden, dtype)
+        self.embed_norm = Norm(spec.hidden, rms, spec.eps, dtype) if p.embed_norm else None
+        self.layers = nn.ModuleList(Block(spec, dtype) for _ in range(spec.num_layers))
+        self.final_norm = Norm(spec.hidden, rms, spec.eps, dtype)
+        self.lm_head = self.embed if spec.tied else VocabEmbedding(spec.vocab, spec.hidden, dtype, p.lm_head_bias)
+        self.cos_sin: torch.Tensor | None = None
+        self.alibi: torch.Tensor | None = None
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Position tables, computed (not loaded) once the model sits on its device."""
+        spec = self.spec
+        if spec.rotary_dim:
+            inv_freq, scale = spec.rope_inv_freq(device)
+            t = torch.arange(spec.max_positions, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            self.cos_sin = torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)
+        if spec.policy.position == "alibi":
+            h = self.layers[0].attn.heads
+            self.alibi = alibi_slopes(spec.num_heads)[TP.rank * h:(TP.rank + 1) * h].to(device)
+
+    def forward(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops) -> torch.Tensor:
+        """Logits for the rows ``ctx.logits_indices`` ([S, vocab], float32)."""
+        x = self.embed.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.weight[ctx.positions + self.spec.policy.learned_pos_offset]
+        if self.embed_norm is not None:
+            x, _ = ops.add_norm(x, None, self.embed_norm.weight, self.embed_norm.bias, self.spec.eps, False)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, ctx, ops, self.cos_sin, self.alibi)
+        n = self.final_norm
+        h, _ = ops.add_norm(x[ctx.logits_indices], residual[ctx.logits_indices], n.weight, n.bias, n.eps, n.rms)
+        return self.lm_head.logits(h).float()

@@ -1,0 +1,49 @@
+"""Tensor-parallel state of this process and its two collectives.
+
+With one rank (the default) every collective is a no-op, so the model code carries
+no special case. Multi-rank setup (process launch, group init) lives with the
+engine's TP runner; the layers only ask ``rank``/``size`` here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(slots=True)
+class TPState:
+    rank: int = 0
+    size: int = 1
+    group: object | None = None
+
+
+TP = TPState()
+
+
+def set_tensor_parallel(rank: int, size: int, group=None) -> None:
+    if not 0 <= rank < size:
+        raise ValueError(f"tensor-parallel rank {rank} is outside world size {size}")
+    TP.rank, TP.size, TP.group = rank, size, group
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if TP.size > 1:
+        dist.all_reduce(x, group=TP.group)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    if TP.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(TP.size)]
+    dist.all_gather(parts, x.contiguous(), group=TP.group)
+    return torch.cat(parts, dim=-1)
+
+
+def split(n: int, what: str) -> int:
+    """n divided evenly over the ranks, or a ValueError naming what does not divide."""
+    if n % TP.size:
+        raise ValueError(f"{what}={n} is not divisible by tensor_parallel={TP.size}")
+    return n // TP.size

@@ -1,0 +1,40 @@
+import os
+
+import torch
+
+# Kernels run in Triton's interpreter on CPU; this must be set before any
+# @triton.jit decorator runs, i.e. before anything imports `kernels`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for a hub
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import ARCHITECTURES, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_model_dir(arch) -> path of a saved random tiny model of that architecture."""
+    root = tmp_path_factory.mktemp("tiny-models")
+
+    def make(arch: str = "LlamaForCausalLM"):
+        return make_tiny_model(arch, root / arch)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The embedded default model (SmolLM2-135M-Instruct), converted once to the cache."""
+    from mii.model.source import resolve_model_path
+    return resolve_model_path(None, show_progress=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `pytest -m gpu` on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords or "multi_gpu" in item.keywords:
+            item.add_marker(skip)
