@@ -13,7 +13,7 @@ def pipeline(model: str | None = None, **kwargs):
 
     kwargs are EngineConfig fields: device, dtype, max_model_len, tensor_parallel, ...
     """
-    from .pipeline import Pipeline
+    from .local import Pipeline
     return Pipeline(EngineConfig(model=model, **kwargs))
 
 

@@ -1,4 +1,4 @@
-"""``mii.pipeline``: an engine in this process, called like a function."""
+"""In-process inference: ``mii.pipeline`` returns this engine-in-a-callable."""
 from __future__ import annotations
 
 import gc

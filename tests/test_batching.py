@@ -1,0 +1,80 @@
+"""Continuous batching must not change results: staggered arrivals, chunked prefill,
+and preemption under a tiny KV budget all give each prompt its solo greedy tokens."""
+import pytest
+
+from mii.config import EngineConfig, SamplingParams
+from mii.engine.engine import LLMEngine
+
+PROMPTS = [
+    "Hello, my name is", "DeepSpeed is", "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "Seattle", "Continuous batching mixes prefill and decode steps in one forward pass. It", "I like",
+    "Washington is a", "a", "The lazy dog", "Hello, my name is Ada and I like tensors. Hello, my name is",
+    "fox", "DeepSpeed is a deep learning optimization library. DeepSpeed is",
+]
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def make(path, **kw):
+    return LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="fp32", show_progress=False, **kw))
+
+
+def run_staggered(eng: LLMEngine, max_new: list[int]) -> dict[int, list[int]]:
+    """Submit the prompts a few at a time between steps; collect each one's tokens."""
+    pending = list(enumerate(PROMPTS))
+    ids: dict[str, int] = {}
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+    step = 0
+    while pending or eng.has_unfinished():
+        if pending and step % 3 == 0:
+            for _ in range(min(2, len(pending))):
+                i, p = pending.pop(0)
+                ids[eng.add_request(p, SamplingParams(max_new_tokens=max_new[i], **GREEDY))] = i
+        for out in eng.step():
+            tokens[ids[out.request_id]] += out.token_ids
+        step += 1
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_model_dir):
+    path = tiny_model_dir("LlamaForCausalLM")
+    eng = make(path)
+    max_new = [8 + 3 * i for i in range(len(PROMPTS))]
+    alone = {i: eng.generate([p], SamplingParams(max_new_tokens=max_new[i], **GREEDY))[0].token_ids
+             for i, p in enumerate(PROMPTS)}
+    return path, max_new, alone
+
+
+def test_staggered_batching_matches_solo_runs(solo):
+    path, max_new, alone = solo
+    eng = make(path, max_num_batched_tokens=24)  # small budget: prompts also get chunked
+    got = run_staggered(eng, max_new)
+    assert got == alone
+    assert eng.stats["kv_blocks_free"] == eng.stats["kv_blocks_total"]
+
+
+def test_preemption_under_tiny_kv_budget_matches_solo_runs(solo):
+    path, max_new, alone = solo
+    # 16 blocks of 4 tokens hold one 57-token sequence plus little else: running ones must evict others.
+    eng = make(path, num_kv_blocks=16, block_size=4, max_model_len=64)
+    got = run_staggered(eng, max_new)
+    assert eng.scheduler.num_preemptions > 0, "the budget was meant to force preemption"
+    assert got == alone
+    assert eng.stats["kv_blocks_free"] == 16
+
+
+def test_abort_frees_blocks_and_reports_abort(solo):
+    path, _, _ = solo
+    eng = make(path)
+    total = eng.stats["kv_blocks_total"]
+    rid = eng.add_request(PROMPTS[2], SamplingParams(max_new_tokens=50, **GREEDY))
+    keep = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5, **GREEDY))
+    eng.step()
+    eng.step()
+    assert eng.stats["kv_blocks_free"] < total
+    out = eng.abort(rid)
+    assert out.finished and out.finish_reason == "abort" and out.generated_tokens == 2
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.stats["kv_blocks_free"] == total
+    assert eng.abort(keep) is None  # already finished: nothing to abort
