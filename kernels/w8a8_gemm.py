@@ -1,0 +1,86 @@
+"""W8A8 GEMM: int8 activations x int8 weights on the integer tensor cores.
+
+y[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n] (+ bias[n])
+
+The sum runs exactly in int32 (|sum| <= 127 * 127 * K stays below 2^31 for K < 133k);
+the per-token x per-output-channel scales and the bias are applied once, in the
+fp32 epilogue, so the output is the only float tensor written. ``xq``/``x_scale`` come
+from ``kernels/quant_act.py`` (fused into the preceding norm, or standalone).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant_gemm import tile_ids
+
+
+def w8a8_gemm_ref(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """xq [..., K] int8, x_scale [...] fp32, wq [N, K] int8, w_scale [N] fp32 -> [..., N] out_dtype."""
+    acc = (xq.reshape(-1, xq.shape[-1]).to(torch.int32) @ wq.to(torch.int32).t()).float()
+    y = acc * x_scale.reshape(-1, 1).float() * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*xq.shape[:-1], wq.shape[0])
+
+
+@triton.jit
+def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                 HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    rm = (pid_m * BM + tl.arange(0, BM)) % M
+    rn = (pid_n * BN + tl.arange(0, BN)) % N
+    rk = tl.arange(0, BK)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]  # [BK, BN] view of [N, K]
+    acc = tl.zeros((BM, BN), tl.int32)
+    for k0 in range(0, K, BK):
+        kmask = rk < K - k0  # ragged K: zeros add nothing to the integer sum
+        x = tl.load(x_ptrs, mask=kmask[None, :], other=0)
+        w = tl.load(w_ptrs, mask=kmask[:, None], other=0)
+        acc = tl.dot(x, w, acc, out_dtype=tl.int32)  # triton 3.6 defaults out_dtype to fp32
+        x_ptrs += BK
+        w_ptrs += BK
+    xs = tl.load(xs_ptr + rm)
+    ws = tl.load(ws_ptr + rn)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    om = pid_m * BM + tl.arange(0, BM)
+    on = pid_n * BN + tl.arange(0, BN)
+    tl.store(y_ptr + om[:, None] * stride_ym + on[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(om[:, None] < M) & (on[None, :] < N))
+
+
+def default_config(M: int, N: int, K: int) -> dict:
+    """Tiles by M; int8 MMA wants BK >= 32, and 128 keeps the loop short on Hopper."""
+    if M <= 16:
+        return dict(BM=16, BN=64, BK=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if M <= 64:
+        return dict(BM=64, BN=128, BK=128, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def w8a8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """Triton version of :func:`w8a8_gemm_ref`; ``w_scale`` is fp32 and contiguous,
+    ``config`` overrides :func:`default_config`."""
+    K, N = xq.shape[-1], wq.shape[0]
+    if wq.shape[1] != K:
+        raise ValueError(f"xq has K={K} but wq is {tuple(wq.shape)}")
+    x2 = xq.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), device=xq.device, dtype=out_dtype)
+    if M:
+        cfg = config or default_config(M, N, K)
+        grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+        xs = x_scale.reshape(-1).float().contiguous()
+        b = bias if bias is not None else w_scale  # dummy pointer, never read
+        _w8a8_kernel[grid](x2, xs, wq, w_scale, b, y, M, N, K, x2.stride(0), wq.stride(0), N,
+                           HAS_BIAS=bias is not None, **cfg)
+    return y.reshape(*xq.shape[:-1], N)

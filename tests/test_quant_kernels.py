@@ -1,0 +1,234 @@
+"""Quantization kernels against their references (Triton's interpreter on CPU), and the
+quantize / QuantLinear / quantize_model layer above them."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton or kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels.quant_act import add_norm_quant, add_norm_quant_ref, quant_per_token, quant_per_token_ref  # noqa: E402
+from kernels.quant_gemm import pack_int4, unpack_int4, wxa16_gemm, wxa16_gemm_ref  # noqa: E402
+from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_ref  # noqa: E402
+from mii.model.layers import GatedUpLinear, Linear, QKVLinear  # noqa: E402
+from mii.model.quant import (QuantLinear, dequantize_weight, quantize_model,  # noqa: E402
+                             quantize_weight)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = (torch.float16, torch.float32)  # the interpreter's tl.dot is wrong on bf16
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def random_qweight(n: int, k: int, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.randint(-127, 128, (n, k)) if bits == 8 else torch.randint(-8, 8, (n, k))
+    qweight = q.to(torch.int8) if bits == 8 else pack_int4(q)
+    scales = torch.rand(n, k // group) * 0.02 + 0.002
+    return qweight.to(DEV), scales.to(DEV)
+
+
+def test_int4_pack_roundtrip():
+    q = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+
+
+# M: batch-1 GEMV, small decode batch (BM=16 tiles), ragged prefill. N: never a block multiple.
+GEMM_CASES = [(1, 40, 128, 32), (3, 40, 128, 64), (17, 70, 256, 64)]
+# Forced configs so split-K and several tile shapes run in the interpreter too.
+CONFIGS = {
+    "gemv_split": dict(kind="gemv", BN=16, BK=32, SPLIT_K=2, num_warps=4, num_stages=1),
+    "gemm_split": dict(kind="gemm", BM=16, BN=32, BK=32, GROUP_M=2, SPLIT_K=3, num_warps=4, num_stages=1),
+}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M,N,K,group", GEMM_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wxa16_gemm_matches_reference(bits, M, N, K, group, dtype):
+    qweight, scales = random_qweight(N, K, bits, group)
+    x = torch.randn(M, K, dtype=dtype, device=DEV)
+    bias = torch.randn(N, dtype=dtype, device=DEV)
+    ref = wxa16_gemm_ref(x, qweight, scales, bias, bits)
+    y = wxa16_gemm(x, qweight, scales, bias, bits)
+    assert y.dtype == dtype and y.shape == (M, N)
+    # Both sum exact integer x float products in fp32; only summation order and the
+    # final rounding differ: fp16 output rounding is 2^-11 relative.
+    assert rel(y, ref) < 2e-3
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_wxa16_split_k_and_tiles(bits, name):
+    cfg = CONFIGS[name]
+    M = 1 if cfg["kind"] == "gemv" else 5
+    N, K, group = 50, 224, 32  # 7 K-tiles over 2 or 3 splits: the last split is short
+    qweight, scales = random_qweight(N, K, bits, group)
+    x = torch.randn(M, K, device=DEV)
+    ref = wxa16_gemm_ref(x, qweight, scales, None, bits)
+    assert rel(wxa16_gemm(x, qweight, scales, None, bits, config=cfg), ref) < 1e-5
+
+
+def test_wxa16_keeps_leading_dims():
+    qweight, scales = random_qweight(24, 64, 8, 32)
+    x = torch.randn(2, 3, 64, device=DEV)
+    assert rel(wxa16_gemm(x, qweight, scales, None, 8), wxa16_gemm_ref(x, qweight, scales, None, 8)) < 1e-5
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 40, 100), (3, 70, 64), (17, 33, 200)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_w8a8_gemm_matches_reference(M, N, K, dtype, with_bias):
+    xq = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=DEV)
+    wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEV)
+    x_scale = torch.rand(M, device=DEV) * 0.02 + 0.005  # realistic: max|x| / 127
+    w_scale = torch.rand(N, device=DEV) * 0.002 + 0.0005
+    bias = torch.randn(N, dtype=dtype, device=DEV) if with_bias else None
+    ref = w8a8_gemm_ref(xq, x_scale, wq, w_scale, bias, dtype)
+    # K = 100, 200 are ragged for BK = 128 and 32; the int32 sums are exact, so only the
+    # fp32 epilogue's rounding (and fp16 output) separates kernel and reference.
+    for cfg in (None, dict(BM=16, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=1)):
+        assert rel(w8a8_gemm(xq, x_scale, wq, w_scale, bias, dtype, cfg), ref) < 1e-3
+
+
+@pytest.mark.parametrize("T,H", [(1, 64), (3, 100), (17, 96)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_norm_quant_matches_reference(T, H, dtype, rms, with_residual):
+    x = torch.randn(T, H, dtype=dtype, device=DEV)
+    residual = torch.randn(T, H, dtype=dtype, device=DEV) if with_residual else None
+    weight = torch.randn(H, dtype=dtype, device=DEV)
+    bias = None if rms else torch.randn(H, dtype=dtype, device=DEV)
+    q, scale, h = add_norm_quant(x, residual, weight, bias, 1e-5, rms)
+    q_ref, scale_ref, h_ref = add_norm_quant_ref(x, residual, weight, bias, 1e-5, rms)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (T,)
+    assert torch.equal(h, h_ref)  # the residual sum is the same rounded add
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
+    # The norm's fp32 statistics may differ in the last bit (reduction order, rsqrt), which
+    # can move a value across a rounding boundary: allow one step of the int8 grid.
+    assert (q.int() - q_ref.int()).abs().max().item() <= 1
+    assert (q.int() != q_ref.int()).float().mean().item() < 0.02
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quant_per_token_matches_reference(dtype):
+    y = torch.randn(5, 77, dtype=dtype, device=DEV) * 3
+    y[2] = 0  # an all-zero row: scale stays finite and q is 0
+    q, scale = quant_per_token(y)
+    q_ref, scale_ref = quant_per_token_ref(y)
+    assert torch.isfinite(scale).all() and not q[2].any()
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    assert (q.int() - q_ref.int()).abs().max().item() <= 1
+    # round to nearest: |y - q * scale| <= scale / 2 per element (plus fp32 slack)
+    assert ((q.float() * scale[:, None] - y.float()).abs() <= scale[:, None] * 0.5001 + 1e-7).all()
+
+
+@pytest.mark.parametrize("mode,group", [("w8a16", 32), ("w8a16", 128), ("w4a16", 32), ("w4a16", 64), ("w8a8", 128)])
+def test_quantize_dequantize_error_bound(mode, group):
+    w = torch.randn(48, 256) * 0.05
+    w[3, :group] = 0  # an all-zero group quantizes to zeros, not NaN
+    t = quantize_weight(w, mode, group)
+    deq = dequantize_weight(t, mode)
+    scales = t["scales"][:, None] if mode == "w8a8" else t["scales"].repeat_interleave(group, dim=1)
+    # Symmetric round-to-nearest with max|w| mapped exactly onto the top integer: nothing
+    # is clipped, so each element is off by at most half a quantization step.
+    assert ((deq - w).abs() <= scales * 0.5 * (1 + 1e-5) + 1e-9).all()
+    assert not deq[3, :group].any()
+    expected = {"w8a16": (torch.int8, (48, 256), (48, 256 // group)),
+                "w4a16": (torch.uint8, (48, 128), (48, 256 // group)),
+                "w8a8": (torch.int8, (48, 256), (48,))}[mode]
+    assert (t["qweight"].dtype, tuple(t["qweight"].shape), tuple(t["scales"].shape)) == expected
+
+
+@pytest.mark.parametrize("mode", ["w8a16", "w4a16", "w8a8"])
+@pytest.mark.parametrize("kind,fuse_bias", [(None, True), ("column", False), ("row", True)])
+def test_quant_linear_matches_dequantized_linear(mode, kind, fuse_bias):
+    torch.manual_seed(0)
+    lin = Linear(64, 48, True, kind, torch.float32, fuse_bias=fuse_bias).to(DEV)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        lin.bias.normal_()
+    ql = QuantLinear.from_linear(lin, mode, 32)
+    assert (ql.kind, ql.fuse_bias) == (kind, fuse_bias) and torch.equal(ql.bias, lin.bias)
+    x = torch.randn(5, 64, device=DEV)
+    w = dequantize_weight({"qweight": ql.qweight, "scales": ql.scales}, mode)
+    ref = F.linear(x, w, lin.bias if fuse_bias else None)
+    if mode == "w8a8":
+        # per-token activation rounding adds |x| * 2^-8 relative noise per product (max|x| / 254);
+        # it averages out over K = 64, so 1% of the output norm is a wide bound
+        assert rel(ql(x), ref) < 1e-2
+    else:
+        assert rel(ql(x), ref) < 1e-5
+    # Against the fp layer: a uniform rounding error of a step s = max|w| / qmax has rms s / sqrt(12);
+    # with max|w| ~ 2.5 sigma over 32-64 inputs that is ~0.6% of the weight for int8 and ~10%
+    # for int4 (plus ~0.6% from int8 activations in w8a8). The bounds allow twice that.
+    assert rel(ql(x), lin(x)) < {"w8a16": 1.2e-2, "w8a8": 2e-2, "w4a16": 0.2}[mode]
+
+
+def test_quantized_state_dict_roundtrip(tmp_path):
+    from safetensors.torch import load_file, save_file
+    lin = Linear(64, 32, True, "row", torch.float32)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        lin.bias.normal_()
+    ql = QuantLinear.from_linear(lin, "w4a16", 32)
+    assert set(ql.state_dict()) == {"qweight", "scales", "bias"}
+    save_file(ql.state_dict(), tmp_path / "q.safetensors")
+    with torch.device("meta"):
+        fresh = QuantLinear.empty(64, 32, True, "row", True, torch.float32, "w4a16", 32)
+    fresh = fresh.to_empty(device="cpu")
+    for name, t in load_file(tmp_path / "q.safetensors").items():
+        fresh.weight_loader(getattr(fresh, name), t, None)
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), ql(x))
+
+
+class TinyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.qkv = QKVLinear(64, 4, 2, 16, True, torch.float32)
+        self.attn.o = Linear(64, 64, False, "row", torch.float32)
+        self.mlp = nn.Module()
+        self.mlp.up = GatedUpLinear(64, 96, False, torch.float32)
+        self.mlp.down = Linear(96, 64, False, "row", torch.float32)
+        self.head = Linear(64, 10, False, None, torch.float32)  # not quantizable: stays fp
+        for p in self.parameters():
+            nn.init.normal_(p, 0, 0.05)
+
+
+def test_quantize_model_swaps_only_quantizable_linears():
+    model = nn.Sequential(TinyBlock(), TinyBlock())
+    before = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, Linear)}
+    quantize_model(model, "w8a16", 32, ("attn.qkv", "attn.o", "mlp.up", "mlp.down"))
+    for i in range(2):
+        block = model[i]
+        for name in ("attn.qkv", "attn.o", "mlp.up", "mlp.down"):
+            m = block.get_submodule(name)
+            assert isinstance(m, QuantLinear), name
+            deq = dequantize_weight({"qweight": m.qweight, "scales": m.scales}, "w8a16")
+            assert (deq - before[f"{i}.{name}"]).abs().max() <= m.scales.max() / 2 * (1 + 1e-5)
+        assert block.attn.qkv.kind == "column" and block.attn.o.kind == "row"
+        assert block.mlp.up.fuse_bias is False and block.attn.qkv.bias is not None
+        assert type(block.head) is Linear
+
+
+@pytest.mark.parametrize("mode,group,match", [
+    ("int8", 128, "'int8'"),
+    ("w8a16", 48, "group_size=48"),
+    ("w4a16", 16, "group_size=16"),
+    ("w8a16", 128, "group_size=128 does not divide in_features=64 of 0.attn.qkv"),
+])
+def test_invalid_mode_or_group_size_raises(mode, group, match):
+    model = nn.Sequential(TinyBlock())
+    with pytest.raises(ValueError, match=match):
+        quantize_model(model, mode, group, ("attn.qkv", "attn.o", "mlp.up", "mlp.down"))
+    assert all(type(m) is not QuantLinear for m in model.modules())  # nothing half-swapped
+    with pytest.raises(ValueError, match=match.split(" does")[0]):
+        quantize_weight(torch.randn(8, 96), mode, group)
