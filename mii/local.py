@@ -29,7 +29,9 @@ class Pipeline:
         return self.engine.generate(list(prompts), params)
 
     def destroy(self) -> None:
-        """Release the model and KV cache."""
+        """Release the model and KV cache, and stop any tensor-parallel ranks."""
+        if self.engine is not None:
+            self.engine.shutdown()
         self.engine = None
         gc.collect()
         try:

@@ -39,7 +39,12 @@ class LLMEngine:
         self.device = config.resolved_device()
         self.dtype = config.dtype or default_dtype(self.device, hf_config)
         self.eos_token_ids = _eos_ids(hf_config, self.tokenizer, self.path)
-        self.runner = ModelRunner(config, self.spec, self.path, self.device, self.dtype, self.eos_token_ids)
+        if config.tensor_parallel > 1:
+            from .tensor_parallel import start_tensor_parallel
+            self.runner = start_tensor_parallel(config, self.spec, self.path, self.dtype, self.eos_token_ids)
+            self.device = self.runner.device
+        else:
+            self.runner = ModelRunner(config, self.spec, self.path, self.device, self.dtype, self.eos_token_ids)
         capacity = self.runner.num_blocks * config.block_size
         model_len = self.spec.max_positions
         if config.max_model_len is not None:
@@ -164,6 +169,12 @@ class LLMEngine:
                         out.request_id, prompt_of[out.request_id], out.generated_text, tokens[out.request_id],
                         out.finish_reason, out.prompt_tokens, out.generated_tokens, lps[out.request_id])
         return [done[i] for i in ids]
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if any."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     @property
     def stats(self) -> dict:

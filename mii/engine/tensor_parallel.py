@@ -1,0 +1,168 @@
+"""Tensor parallelism: one process per rank, torch.distributed between them.
+
+Rank 0 is the engine's own process: it schedules, prepares each step's batch and
+broadcasts it as one packed int64 tensor; every rank then runs the same forward pass
+on its slice of the weights (the layers' weight_loaders took only their slices) and
+its heads of the KV cache. Only rank 0 samples. NCCL on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing as mp
+import socket
+
+import torch
+import torch.distributed as dist
+
+from mii.config import EngineConfig
+from mii.model.decoder import BatchContext
+from mii.model.parallel import TP, set_tensor_parallel
+from mii.policies.base import ModelSpec
+from .model_runner import ModelRunner
+from .scheduler import ScheduledSeq
+
+log = logging.getLogger(__name__)
+
+_TIMEOUT = datetime.timedelta(seconds=120)  # a dead peer fails the step instead of hanging it
+_STOP = -1
+
+
+def check_divisible(spec: ModelSpec, tp: int) -> None:
+    """Fail before any process starts when the model cannot be split ``tp`` ways."""
+    checks = {"num_attention_heads": spec.num_heads, "intermediate_size": spec.intermediate}
+    for name, n in checks.items():
+        if n % tp:
+            raise ValueError(f"{name}={n} is not divisible by tensor_parallel={tp}")
+    kv = spec.num_kv_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise ValueError(f"num_key_value_heads={kv} cannot be split or replicated over tensor_parallel={tp}")
+
+
+def rank_device(config: EngineConfig, rank: int) -> torch.device:
+    device = config.resolved_device()
+    if device.type != "cuda":
+        return device
+    if torch.cuda.device_count() < config.tensor_parallel:
+        raise ValueError(f"tensor_parallel={config.tensor_parallel} needs that many GPUs; "
+                         f"{torch.cuda.device_count()} visible")
+    return torch.device("cuda", rank)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_group(rank: int, world: int, init_method: str, device: torch.device) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=_TIMEOUT)
+    set_tensor_parallel(rank, world, dist.group.WORLD)
+
+
+class TPModelRunner(ModelRunner):
+    """A ModelRunner whose every step is mirrored by the other ranks."""
+
+    def _num_blocks(self) -> int:
+        n = torch.tensor([super()._num_blocks()], device=self.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)  # every rank must hold the same blocks
+        return int(n.item())
+
+    def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        input_ids, ctx = self.prepare(batch)
+        if TP.rank == 0:
+            self._check_peers()
+            _broadcast(self.device, input_ids, ctx)
+        return self.model(input_ids, ctx, self.ops)
+
+    def serve_forever(self) -> None:
+        """Non-zero ranks: run whatever batches rank 0 broadcasts, until told to stop."""
+        with torch.inference_mode():
+            while True:
+                got = _receive(self.device)
+                if got is None:
+                    return
+                self.model(*got, self.ops)
+
+    def _check_peers(self) -> None:
+        for rank, proc in enumerate(getattr(self, "procs", []), start=1):
+            if not proc.is_alive():
+                raise RuntimeError(f"tensor-parallel rank {rank} died (exit code {proc.exitcode}); "
+                                   f"this replica must be restarted")
+
+    def shutdown(self) -> None:
+        procs = getattr(self, "procs", [])
+        if TP.rank == 0 and procs and all(p.is_alive() for p in procs):
+            try:
+                dist.broadcast(torch.tensor([_STOP, 0, 0, 0], device=self.device), src=0)
+            except Exception:  # a peer already gone: fall through to terminate
+                pass
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self.procs = []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        set_tensor_parallel(0, 1)
+
+
+def _broadcast(device: torch.device, input_ids: torch.Tensor, ctx: BatchContext) -> None:
+    T, (B, W) = input_ids.numel(), ctx.block_tables.shape
+    S = ctx.logits_indices.numel()
+    dist.broadcast(torch.tensor([T, B, W, S], device=device), src=0)
+    packed = torch.cat([input_ids, ctx.positions, ctx.slot_mapping, ctx.block_tables.flatten().long(),
+                        ctx.cu_seqlens_q.long(), ctx.context_lens.long(), ctx.logits_indices])
+    dist.broadcast(packed, src=0)
+
+
+def _receive(device: torch.device) -> tuple[torch.Tensor, BatchContext] | None:
+    header = torch.empty(4, dtype=torch.long, device=device)
+    dist.broadcast(header, src=0)
+    T, B, W, S = header.tolist()
+    if T == _STOP:
+        return None
+    packed = torch.empty(3 * T + B * W + (B + 1) + B + S, dtype=torch.long, device=device)
+    dist.broadcast(packed, src=0)
+    ids, pos, slots, tables, cu, ctx_lens, logits_idx = packed.split([T, T, T, B * W, B + 1, B, S])
+    return ids, BatchContext(pos, slots, tables.view(B, W).int(), cu.int(), ctx_lens.int(), logits_idx)
+
+
+def _worker(rank: int, config: EngineConfig, spec: ModelSpec, path: str, dtype: torch.dtype,
+            init_method: str) -> None:
+    device = rank_device(config, rank)
+    _init_group(rank, config.tensor_parallel, init_method, device)
+    runner = TPModelRunner(config.replace(show_progress=False), spec, path, device, dtype, set())
+    runner.serve_forever()
+    dist.destroy_process_group()
+
+
+def start_tensor_parallel(config: EngineConfig, spec: ModelSpec, path: str, dtype: torch.dtype,
+                          eos_token_ids: set[int]) -> TPModelRunner:
+    """Spawn ranks 1..N-1, join them as rank 0, and return rank 0's runner."""
+    tp = config.tensor_parallel
+    check_divisible(spec, tp)
+    device = rank_device(config, 0)
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
+    procs = [ctx.Process(target=_worker, args=(r, config, spec, path, dtype, init_method),
+                         name=f"mii-tp-rank{r}", daemon=True) for r in range(1, tp)]
+    for p in procs:
+        p.start()
+    try:
+        _init_group(0, tp, init_method, device)
+        runner = TPModelRunner.__new__(TPModelRunner)
+        runner.procs = procs
+        ModelRunner.__init__(runner, config, spec, path, device, dtype, eos_token_ids)
+    except BaseException:
+        for p in procs:
+            p.kill()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        set_tensor_parallel(0, 1)
+        raise
+    return runner
+

@@ -1,0 +1,45 @@
+"""Tensor parallelism on CPU: two real processes joined by gloo must reproduce TP=1."""
+import pytest
+
+import mii
+from mii.config import EngineConfig, SamplingParams
+from mii.engine.engine import LLMEngine
+from tests.tiny_models import ARCHITECTURES
+
+PROMPTS = ["Hello, my name is", "DeepSpeed is a deep learning", "The lazy dog", "Seattle"]
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+
+
+def make(path, tp):
+    return LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="fp32", tensor_parallel=tp,
+                                  show_progress=False, max_num_batched_tokens=16))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tp2_greedy_equals_tp1(arch, tiny_model_dir):
+    path = tiny_model_dir(arch)
+    one = [o.token_ids for o in make(path, 1).generate(PROMPTS, GREEDY)]
+    eng = make(path, 2)
+    try:
+        # the KV cache holds this rank's heads only (a single KV head is replicated)
+        assert eng.runner.kv_cache.shape[-2] == max(1, eng.spec.num_kv_heads // 2)
+        two = [o.token_ids for o in eng.generate(PROMPTS, GREEDY)]
+    finally:
+        eng.shutdown()
+    assert two == one
+
+
+def test_indivisible_heads_fail_before_starting(tiny_model_dir):
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor_parallel=3"):
+        mii.pipeline(str(tiny_model_dir("LlamaForCausalLM")), device="cpu", tensor_parallel=3, show_progress=False)
+
+
+def test_dead_rank_fails_the_step_clearly(tiny_model_dir):
+    eng = make(tiny_model_dir("GPT2LMHeadModel"), 2)
+    try:
+        eng.runner.procs[0].kill()
+        eng.runner.procs[0].join()
+        with pytest.raises(RuntimeError, match="rank 1 died"):
+            eng.generate(["Hello"], GREEDY)
+    finally:
+        eng.shutdown()
