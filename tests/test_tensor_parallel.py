@@ -43,3 +43,25 @@ def test_dead_rank_fails_the_step_clearly(tiny_model_dir):
             eng.generate(["Hello"], GREEDY)
     finally:
         eng.shutdown()
+
+
+def test_ranks_from_torchrun_env(tiny_model_dir, tmp_path):
+    """The multi-host path: ranks come from the launcher's environment (here torchrun on
+    one host, as the README's two-node example does on two)."""
+    import json
+    import subprocess
+    import sys
+
+    path = tiny_model_dir("LlamaForCausalLM")
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import json, sys, mii\n"
+        f"pipe = mii.pipeline({str(path)!r}, device='cpu', tensor_parallel=2, show_progress=False)\n"
+        f"out = pipe({PROMPTS!r}, max_new_tokens=12, temperature=0, ignore_eos=True)\n"
+        f"json.dump([o.token_ids for o in out], open({str(tmp_path / 'out.json')!r}, 'w'))\n"
+        "pipe.destroy()\n")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = [o.token_ids for o in make(path, 1).generate(PROMPTS, GREEDY)]
+    assert json.loads((tmp_path / "out.json").read_text()) == one

@@ -39,14 +39,25 @@ def check_divisible(spec: ModelSpec, tp: int) -> None:
         raise ValueError(f"num_key_value_heads={kv} cannot be split or replicated over tensor_parallel={tp}")
 
 
-def rank_device(config: EngineConfig, rank: int) -> torch.device:
+def rank_device(config: EngineConfig, local_rank: int, local_world: int | None = None) -> torch.device:
     device = config.resolved_device()
     if device.type != "cuda":
         return device
-    if torch.cuda.device_count() < config.tensor_parallel:
-        raise ValueError(f"tensor_parallel={config.tensor_parallel} needs that many GPUs; "
+    need = local_world or config.tensor_parallel
+    if torch.cuda.device_count() < need:
+        raise ValueError(f"tensor_parallel={config.tensor_parallel} needs {need} GPUs on this host; "
                          f"{torch.cuda.device_count()} visible")
-    return torch.device("cuda", rank)
+    return torch.device("cuda", local_rank)
+
+
+def launcher_env() -> dict[str, int] | None:
+    """Ranks handed out by torchrun (or any launcher setting the torch.distributed
+    variables): the multi-host path. None when this process was started alone."""
+    import os
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return {k: int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+            if k in os.environ}
 
 
 def _free_port() -> int:
@@ -95,7 +106,7 @@ class TPModelRunner(ModelRunner):
 
     def shutdown(self) -> None:
         procs = getattr(self, "procs", [])
-        if TP.rank == 0 and procs and all(p.is_alive() for p in procs):
+        if TP.rank == 0 and dist.is_initialized() and all(p.is_alive() for p in procs):
             try:
                 dist.broadcast(torch.tensor([_STOP, 0, 0, 0], device=self.device), src=0)
             except Exception:  # a peer already gone: fall through to terminate
@@ -140,11 +151,36 @@ def _worker(rank: int, config: EngineConfig, spec: ModelSpec, path: str, dtype: 
     dist.destroy_process_group()
 
 
+def join_launched(config: EngineConfig, spec: ModelSpec, path: str, dtype: torch.dtype,
+                  eos_token_ids: set[int], env: dict[str, int]) -> TPModelRunner:
+    """Under torchrun: every rank runs this; rank 0 returns its runner to the engine,
+    the others serve rank 0's batches here and exit when it shuts down."""
+    if env["WORLD_SIZE"] != config.tensor_parallel:
+        raise ValueError(f"tensor_parallel={config.tensor_parallel} but the launcher started "
+                         f"WORLD_SIZE={env['WORLD_SIZE']} ranks")
+    device = rank_device(config, env.get("LOCAL_RANK", 0), env.get("LOCAL_WORLD_SIZE", 1))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method="env://", timeout=_TIMEOUT)
+    set_tensor_parallel(env["RANK"], env["WORLD_SIZE"], dist.group.WORLD)
+    runner = TPModelRunner(config, spec, path, device, dtype, eos_token_ids)
+    if env["RANK"] != 0:
+        runner.serve_forever()
+        dist.destroy_process_group()
+        raise SystemExit(0)
+    return runner
+
+
 def start_tensor_parallel(config: EngineConfig, spec: ModelSpec, path: str, dtype: torch.dtype,
                           eos_token_ids: set[int]) -> TPModelRunner:
-    """Spawn ranks 1..N-1, join them as rank 0, and return rank 0's runner."""
+    """Spawn ranks 1..N-1 on this host, join them as rank 0, and return rank 0's runner.
+    Under a launcher (torchrun, possibly over several hosts) join its ranks instead."""
     tp = config.tensor_parallel
     check_divisible(spec, tp)
+    env = launcher_env()
+    if env is not None:
+        return join_launched(config, spec, path, dtype, eos_token_ids, env)
     device = rank_device(config, 0)
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads

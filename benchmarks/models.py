@@ -1,0 +1,49 @@
+"""Benchmark model shapes, built with random init from transformers configs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# name -> (architecture, config kwargs). Shapes follow the public checkpoints.
+SHAPES: dict[str, tuple[str, dict]] = {
+    "gpt2-124m": ("GPT2LMHeadModel", dict(n_embd=768, n_layer=12, n_head=12, n_positions=2048, vocab_size=50257)),
+    "opt-1.3b": ("OPTForCausalLM", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+                                        ffn_dim=8192, max_position_embeddings=2048, word_embed_proj_dim=2048,
+                                        vocab_size=50272)),
+    "llama-1b": ("LlamaForCausalLM", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                          max_position_embeddings=4096, tie_word_embeddings=True,
+                                          rope_theta=500000.0)),
+    "llama-7b": ("LlamaForCausalLM", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                          max_position_embeddings=4096)),
+}
+
+
+def build(name: str, root: Path, dtype: torch.dtype = torch.float16):
+    """Random-init HF model on the GPU, saved (once) as a checkpoint our engine loads.
+    Returns (checkpoint dir, the HF model on the GPU)."""
+    import transformers
+    from tests.tiny_models import make_tokenizer
+
+    arch, kw = SHAPES[name]
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config").replace("LMHeadModel", "Config"))(**kw)
+    config.architectures = [arch]
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = getattr(transformers, arch)(config).to(dtype).eval()
+    out = root / name
+    if not (out / "config.json").is_file():
+        model.save_pretrained(out, safe_serialization=True)
+        make_tokenizer(out)  # prompts are token ids; the tokenizer only completes the checkpoint
+    return out, model
+
+
+def weight_bytes(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel() * p.element_size()
+    return n

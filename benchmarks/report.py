@@ -1,0 +1,76 @@
+"""Regenerate benchmarks/RESULTS.md (and the plot) from benchmarks/results/*.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
+    runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))]
+    lines = ["# Benchmark results", "",
+             "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
+             " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
+             "prompt 128 / 128 new tokens unless stated. Roofline = copy bandwidth / (weight bytes + "
+             "KV bytes read per step at the mean context).", ""]
+    for r in runs:
+        m, o = r["meta"], r["ours"]
+        bs1 = o["decode"][0]
+        lines += [f"## {r['model']} ({r['arch']}, {r['weight_bytes'] / 1e9:.2f} GB of weights)", "",
+                  f"{m['device']}, {m['date']}; torch {m['torch']}, transformers {m['transformers']}, "
+                  f"triton {m.get('triton', '-')}; copy bandwidth {m['copy_bandwidth_GBs']:.0f} GB/s. "
+                  f"Our kernels: {o['backend']}, CUDA graphs: {o['cuda_graphs']}; startup {o['startup_s']:.1f} s.", "",
+                  _row(["", "bs=1 tok/s", "bs=1 ms/step", "% roofline", "bs=8", "bs=32", "bs=128", "TTFT 512 (ms)"]),
+                  _row(["---"] * 8),
+                  _row(["ours", f"{bs1['tok_s']:.0f}", f"{bs1['ms_per_step']:.2f}", f"{bs1['pct_roofline']:.0f}%"]
+                       + [f"{d['tok_s']:.0f}" for d in o["decode"][1:]] + [f"{o['ttft_512_ms']:.1f}"])]
+        for mode, h in r["hf"].items():
+            d1, d32 = h["decode"]
+            lines.append(_row([f"HF {mode}", f"{d1['tok_s']:.0f}", f"{d1['ms_per_step']:.2f}",
+                               f"{100 * d1['tok_s'] / r['roofline_tok_s']:.0f}%", "", f"{d32['tok_s']:.0f}", "",
+                               f"(warm-up {d1['warmup_s']:.1f} s)"]))
+        s = o["serving"]
+        lines += ["", f"Roofline at bs=1: {r['roofline_tok_s']:.0f} tok/s.", "",
+                  f"Serving workload ({s['requests']} requests, prompts U[32,1024], outputs U[16,512], all at once): "
+                  f"ours {s['output_tok_s']:.0f} output tok/s; TTFT mean/p50/p99 {s['ttft_ms']['mean']:.0f}/"
+                  f"{s['ttft_ms']['p50']:.0f}/{s['ttft_ms']['p99']:.0f} ms; inter-token mean/p50/p99 "
+                  f"{s['itl_ms']['mean']:.1f}/{s['itl_ms']['p50']:.1f}/{s['itl_ms']['p99']:.1f} ms; "
+                  f"{s['preemptions']} preemptions.", ""]
+        for mode, h in r["hf"].items():
+            hs = h["serving"]
+            note = (f" (extrapolated from {hs['batches_run']} of {hs['batches_total']} batches)"
+                    if hs["extrapolated"] else "")
+            lines.append(f"- HF {mode}, static batches of 32: {hs['output_tok_s']:.0f} output tok/s{note}; "
+                         f"ours is {r['serving_speedup'][mode]:.1f}x.")
+        lines.append("")
+    Path(out).write_text("\n".join(lines) + "\n")
+    _plot(runs, Path(out).with_name("results.png"))
+
+
+def _plot(runs, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(4 * max(1, len(runs)), 3.5), squeeze=False)
+    for ax, r in zip(axes[0], runs):
+        ours = r["ours"]["decode"]
+        ax.plot([d["batch"] for d in ours], [d["tok_s"] for d in ours], "o-", label="ours")
+        for mode, h in r["hf"].items():
+            ax.plot([d["batch"] for d in h["decode"]], [d["tok_s"] for d in h["decode"]], "s--", label=f"HF {mode}")
+        ax.axhline(r["roofline_tok_s"], color="gray", ls=":", label="bs=1 roofline")
+        ax.set(xscale="log", yscale="log", title=r["model"], xlabel="batch size", ylabel="decode tok/s")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    write_report()

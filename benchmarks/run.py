@@ -1,0 +1,103 @@
+"""One command for the GPU benchmark: `python -m benchmarks.run [--models a,b] [--out DIR]`.
+
+For each model shape it measures our engine (startup, bs=1 decode against the memory
+roofline, TTFT at 512, decode at bs 8/32/128, the 1,000-request serving workload) and
+transformers (eager and static-cache compiled generate at bs 1/32, the serving workload
+in static batches of 32), writes one JSON per model and regenerates RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import hf, ours
+from .models import SHAPES, build, weight_bytes
+
+HERE = Path(__file__).parent
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 20 / (time.perf_counter() - t0)
+
+
+def kv_bytes_per_step(spec, ctx: int) -> int:
+    return 2 * spec.num_layers * ctx * spec.num_kv_heads * spec.head_dim * 2
+
+
+def bench_model(name: str, root: Path, bw: float, hf_eager_batches: int, quick: bool) -> dict:
+    path, model = build(name, root)
+    res: dict = {"model": name, "arch": SHAPES[name][0], "weight_bytes": weight_bytes(model)}
+    eng, startup = ours.make_engine(path)
+    res["ours"] = {"startup_s": startup, "backend": eng.runner.ops.backend,
+                   "cuda_graphs": bool(getattr(eng.runner, "graphs", None))}
+    ours.decode(eng, 1, new_tokens=16)  # warm caches and allocator
+    bs1 = ours.decode(eng, 1)
+    step_bytes = res["weight_bytes"] + kv_bytes_per_step(eng.spec, 128 + 64)
+    res["roofline_tok_s"] = bw / step_bytes
+    bs1["pct_roofline"] = 100 * bs1["tok_s"] / res["roofline_tok_s"]
+    res["ours"]["decode"] = [bs1] + [ours.decode(eng, b) for b in (8, 32, 128)]
+    res["ours"]["ttft_512_ms"] = ours.ttft(eng)
+    workload = ours.serving_workload(200 if quick else 1000)
+    res["ours"]["serving"] = ours.serve(eng, workload)
+    eng.shutdown()
+    del eng
+    torch.cuda.empty_cache()
+    res["hf"] = {}
+    for mode, static in (("eager", False), ("compiled", True)):
+        res["hf"][mode] = {"decode": [hf.decode(model, b, static) for b in (1, 32)]}
+        res["hf"][mode]["serving"] = hf.serve_static_batches(
+            model, workload, static, max_batches=hf_eager_batches if not static else (2 if quick else None))
+    ours_tps = res["ours"]["serving"]["output_tok_s"]
+    res["serving_speedup"] = {m: ours_tps / res["hf"][m]["serving"]["output_tok_s"] for m in res["hf"]}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--hf-eager-batches", type=int, default=1,
+                    help="static batches of the serving workload run by HF eager (the rest extrapolated)")
+    ap.add_argument("--quick", action="store_true", help="200 serving requests instead of 1,000")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import transformers
+    meta = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "copy_bandwidth_GBs": copy_bandwidth() / 1e9}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(json.dumps(meta))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            res = bench_model(name, Path(tmp), meta["copy_bandwidth_GBs"] * 1e9, args.hf_eager_batches, args.quick)
+            res["meta"] = meta
+            (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+            print(json.dumps(res), flush=True)
+    from .report import write_report
+    write_report(out)
+
+
+if __name__ == "__main__":
+    main()
