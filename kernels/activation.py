@@ -13,14 +13,15 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "silu_and_mul", "gelu_tanh_a
 def _act(x, KIND: tl.constexpr):
     """x in float32."""
     if KIND == "gelu":
-        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif KIND == "gelu_tanh":
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        return x * tl.sigmoid(2.0 * u)  # 0.5 * (1 + tanh(u)) == sigmoid(2u)
+        y = x * tl.sigmoid(2.0 * u)  # 0.5 * (1 + tanh(u)) == sigmoid(2u)
     elif KIND == "relu":
-        return tl.maximum(x, 0.0)
+        y = tl.maximum(x, 0.0)
     else:  # silu
-        return x * tl.sigmoid(x)
+        y = x * tl.sigmoid(x)
+    return y
 
 
 @triton.jit

@@ -1,8 +1,288 @@
-"""Attention over the paged KV cache, for a packed batch of prefill chunks and decodes."""
+"""Attention over the paged KV cache, for a packed batch of prefill chunks and decodes.
+
+Two Triton kernels share one inner step (`_attend_tile`), both reading K/V straight from
+the paged cache through the block table:
+- a split-K ("flash-decoding") kernel for steps where every sequence brings one query:
+  each program takes the query heads of one KV head over one slice of the context, so
+  long contexts at small batch still fill the GPU; `_merge_kernel` combines the slices;
+- a flash-attention kernel for packed prefill chunks, mixed with decodes or not.
+The wrapper picks one from shapes alone (no device sync), so it can be graph-captured.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, slopes, qk_scale, window,
+                 block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
+                 HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One online-softmax step over keys [start, start + BLOCK_N) within [lo, hi).
+
+    Scores are kept in log2 units (qk_scale and slopes carry the log2(e) factor). With
+    MASKED False the caller vouches that every query row may see every key of the tile.
+    """
+    kpos = start + tl.arange(0, BLOCK_N)
+    kmask = (kpos >= lo) & (kpos < hi)
+    if MASKED:
+        blk = tl.load(bt_row + kpos // block_size, mask=kmask, other=0).to(tl.int64)
+        kv_mask = kmask[:, None] & dmask[None, :]
+    else:
+        blk = tl.load(bt_row + kpos // block_size).to(tl.int64)
+        kv_mask = dmask[None, :]
+    slot = kpos % block_size
+    k = tl.load(k_base + (blk * skc_b + slot * skc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if HAS_ALIBI:  # BLOOM: slope * key position
+        s += slopes[:, None] * kpos[None, :].to(tl.float32)
+    if MASKED:
+        allowed = kmask[None, :] & (kpos[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            allowed &= kpos[None, :] > qpos[:, None] - window
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    v = tl.load(v_base + (blk * svc_b + slot * svc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr, slopes_ptr, o_ptr, po_ptr, plse_ptr,
+                   qk_scale, window, H, G, D, block_size, split_size,
+                   sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, s_bt, so_t, so_h,
+                   NUM_SPLITS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MIXED: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B, Hkv, NUM_SPLITS). The G query heads of a KV head share the program, so each
+    K/V tile is read once per group (GQA), over one slice of the context. MIXED: some
+    sequences bring more than one query; those are left to _prefill_kernel."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    row = tl.load(cu_ptr + b).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    heads = kvh * G + g
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    n_heads = G
+    if MIXED:  # a longer chunk: no live heads here
+        n_heads = tl.where(tl.load(cu_ptr + b + 1) - row == 1, G, 0)
+    live = g < n_heads
+    mask = live[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + row * sq_t + heads[:, None] * sq_h + d[None, :], mask=mask, other=0.0)
+    qpos = tl.zeros([BLOCK_G], tl.int32) + ctx - 1
+    slopes = tl.zeros([BLOCK_G], tl.float32)
+    if HAS_ALIBI:
+        slopes = tl.load(slopes_ptr + heads, mask=g < G, other=0.0).to(tl.float32) * 1.4426950408889634
+    lo = sp * split_size
+    hi = tl.minimum(lo + split_size, ctx)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, ctx - window)
+    if MIXED:
+        hi = tl.where(n_heads > 0, hi, lo)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * s_bt
+    for start in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptr + kvh * skc_h, vc_ptr + kvh * svc_h, bt_row,
+                                     start, qpos, lo, hi, slopes, qk_scale, window, block_size,
+                                     skc_b, skc_s, svc_b, svc_s, d, dmask, HAS_ALIBI, HAS_WINDOW, True, BLOCK_N)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # nothing allowed in this slice: output 0, weight 0
+    out = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(o_ptr + row * so_t + heads[:, None] * so_h + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+    else:  # this slice's output and log2-sum-exp, for _merge_kernel
+        part = (b * H + heads).to(tl.int64) * NUM_SPLITS + sp
+        tl.store(po_ptr + part[:, None] * BLOCK_D + d[None, :], out, mask=mask)
+        tl.store(plse_ptr + part, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=live)
+
+
+@triton.jit
+def _merge_kernel(po_ptr, plse_ptr, cu_ptr, o_ptr, H, D, so_t, so_h,
+                  NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B, H): weight each slice by its share of the softmax mass."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    part = (b * H + h).to(tl.int64) * NUM_SPLITS + s
+    lse = tl.load(plse_ptr + part, mask=s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    o = tl.load(po_ptr + part[:, None] * BLOCK_D + d[None, :], mask=(s < NUM_SPLITS)[:, None] & (d < D)[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
+    row = tl.load(cu_ptr + b).to(tl.int64)
+    n_dims = D
+    if MIXED:
+        n_dims = tl.where(tl.load(cu_ptr + b + 1) - row == 1, D, 0)
+    tl.store(o_ptr + row * so_t + h * so_h + d, out.to(o_ptr.dtype.element_ty), mask=d < n_dims)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr, slopes_ptr, o_ptr,
+                    qk_scale, window, B, G, D, block_size,
+                    sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, s_bt, so_t, so_h,
+                    HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, SKIP_DECODES: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (T // BLOCK_M + B, H). Sequence b owns the query tiles numbered from
+    cu[b] // BLOCK_M + b on, enough for its q_len, so the grid needs no host sync;
+    tiles past a sequence's end do nothing. Tiles run last first: the longest start early."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.arange(0, BLOCK_B)
+    firsts = tl.load(cu_ptr + i, mask=i < B, other=0) // BLOCK_M + i
+    b = tl.sum(((firsts <= tile) & (i < B)).to(tl.int32), 0) - 1
+    q_beg = tl.load(cu_ptr + b)
+    q_end = tl.load(cu_ptr + b + 1)
+    m0 = q_beg + (tile - (q_beg // BLOCK_M + b)) * BLOCK_M
+    limit = q_end
+    if SKIP_DECODES:  # sequences with one query went to _decode_kernel
+        limit = tl.where(q_end - q_beg > 1, q_end, m0)
+    if m0 < limit:
+        ctx = tl.load(ctx_ptr + b)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rmask = rows < q_end
+        qpos = ctx - q_end + rows  # query j of the chunk sits at ctx - q_len + j
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        mask = rmask[:, None] & dmask[None, :]
+        q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * sq_t + h * sq_h + d[None, :], mask=mask, other=0.0)
+        slopes = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_ALIBI:
+            slopes += tl.load(slopes_ptr + h).to(tl.float32) * 1.4426950408889634
+        hi = tl.minimum(ctx, ctx - q_end + tl.minimum(m0 + BLOCK_M, q_end))  # causal: up to the last query
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(ctx - q_end + m0 - window + 1, 0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        kvh = h // G
+        bt_row = bt_ptr + b.to(tl.int64) * s_bt
+        k_base = kc_ptr + kvh * skc_h
+        v_base = vc_ptr + kvh * svc_h
+        # Keys up to the tile's first query are visible to all its rows: no masks there.
+        full_end = lo
+        if not HAS_WINDOW:
+            full_end = (ctx - q_end + m0 + 1) // BLOCK_N * BLOCK_N
+        for start in range(lo, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, slopes,
+                                         qk_scale, window, block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
+                                         HAS_ALIBI, HAS_WINDOW, False, BLOCK_N)
+        for start in range(full_end, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, slopes,
+                                         qk_scale, window, block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
+                                         HAS_ALIBI, HAS_WINDOW, True, BLOCK_N)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(o_ptr + rows.to(tl.int64)[:, None] * so_t + h * so_h + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs, still several slices per sequence
+
+
+def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, alibi_slopes,
+            sliding_window, out, num_splits: int | None = None, block_n: int = 64,
+            num_warps: int = 4, num_stages: int = 2, mixed: bool = False) -> None:
+    """The sequences with q_len 1 (all of them unless `mixed`). The context is sliced by the
+    block table's width, an upper bound known without a sync; slices past a sequence's end
+    return at once."""
+    B, H, D = block_tables.shape[0], q.shape[1], q.shape[2]
+    Hkv, block_size = k_cache.shape[2], k_cache.shape[1]
+    G = H // Hkv
+    tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)
+    if num_splits is None:  # enough programs to fill the GPU twice over
+        num_splits = triton.cdiv(2 * _num_sms(q.device), B * Hkv)
+    num_splits = max(1, min(num_splits, tiles))
+    split_size = triton.cdiv(tiles, num_splits) * block_n
+    num_splits = triton.cdiv(tiles * block_n, split_size)
+    BLOCK_D = triton.next_power_of_2(D)
+    po = plse = out  # unused with one split
+    if num_splits > 1:
+        po = torch.empty(B * H * num_splits, BLOCK_D, dtype=torch.float32, device=q.device)
+        plse = torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device)
+    _decode_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+        q if alibi_slopes is None else alibi_slopes, out, po, plse,
+        scale * LOG2E, sliding_window or 0, H, G, D, block_size, split_size,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=sliding_window is not None,
+        MIXED=mixed, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+        num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        _merge_kernel[(B, H)](po, plse, cu_seqlens_q, out, H, D, out.stride(0), out.stride(1),
+                              NUM_SPLITS=num_splits, MIXED=mixed, BLOCK_S=triton.next_power_of_2(num_splits),
+                              BLOCK_D=BLOCK_D, num_warps=4)
+
+
+def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, alibi_slopes,
+             sliding_window, out, block_m: int | None = None, block_n: int | None = None,
+             num_warps: int | None = None, num_stages: int = 2, skip_decodes: bool = False) -> None:
+    """Query tiles of every sequence, or of those with q_len > 1 when `skip_decodes`."""
+    T, H, D = q.shape
+    B = block_tables.shape[0]
+    BLOCK_D = triton.next_power_of_2(D)
+    if block_m is None:  # H100, T=4096, d 128: 572 us at 128/64/8 warps, 601 at 64/64/4 (SDPA: 267)
+        block_m, block_n, num_warps = (128, 64, 8) if BLOCK_D <= 128 else (64, 32, 4)
+    _prefill_kernel[(T // block_m + B, H)](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+        q if alibi_slopes is None else alibi_slopes, out,
+        scale * LOG2E, sliding_window or 0, B, H // k_cache.shape[2], D, k_cache.shape[1],
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=sliding_window is not None, SKIP_DECODES=skip_decodes,
+        BLOCK_B=triton.next_power_of_2(B), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`paged_attention_ref`.
+
+    Every sequence must bring at least one query, so T == B means a pure decode step: the
+    split-K kernel alone. Otherwise the split-K kernel takes the decodes and the
+    flash-attention kernel the longer chunks, each skipping the other's sequences.
+    """
+    T, H, D = q.shape
+    B = cu_seqlens_q.shape[0] - 1
+    if H % k_cache.shape[2]:
+        raise ValueError(f"{H} query heads do not divide into {k_cache.shape[2]} KV heads")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last dim, got strides {t.stride()}")
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if T == 0 or B == 0:
+        return out
+    args = (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, alibi_slopes, sliding_window, out)
+    _decode(*args, mixed=T != B)
+    if T != B:
+        _prefill(*args, skip_decodes=True)
+    return out
 
 
 def _attend(q, k_cache, v_cache, block_table, q_lens, ctx_lens, scale, alibi_slopes, sliding_window):

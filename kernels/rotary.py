@@ -7,7 +7,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(x_ptrs, pair_ptrs, mask, cos, sin, first, in_rot, ROTATE: tl.constexpr):
+def _rotate_tile(x_ptrs, pair_ptrs, mask, cos, sin, first, in_rot, ROTATE: tl.constexpr):
     x = tl.load(x_ptrs, mask=mask, other=0.0)
     if ROTATE:
         xf = x.to(tl.float32)
@@ -31,23 +31,28 @@ def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, pos_ptr, cs_ptr, kc_ptr, v
     d = tl.arange(0, BLOCK_D)
     in_rot = d < R
     if INTERLEAVED:  # GPT-J: pairs (x0, x1), (x2, x3), ...
-        first, pair, c = d % 2 == 0, d ^ 1, d // 2
+        first = d % 2 == 0
+        pair = d ^ 1
+        c = d // 2
     else:  # NeoX / Llama: first half with second half
         half = R // 2
         first = d < half
         pair = tl.where(first, d + half, d - half)
         c = tl.where(first, d, d - half)
-    cos = sin = 0.0
+    cos = 0.0
+    sin = 0.0
     if ROTATE:
         pos = tl.load(pos_ptr + t).to(tl.int64)
         cos = tl.load(cs_ptr + pos * s_cs + c, mask=in_rot, other=0.0).to(tl.float32)[None, :]
         sin = tl.load(cs_ptr + pos * s_cs + R // 2 + c, mask=in_rot, other=0.0).to(tl.float32)[None, :]
-    first, pair, in_rot = first[None, :], pair[None, :], in_rot[None, :]
+    first = first[None, :]
+    pair = pair[None, :]
+    in_rot = in_rot[None, :]
     if hb < Q_BLOCKS:
         h = hb * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
         mask = (h < H) & (d[None, :] < D)
         base = q_ptr + t * sq_t + h * sq_h
-        q = _rotate(base + d[None, :], base + pair, mask, cos, sin, first, in_rot, ROTATE)
+        q = _rotate_tile(base + d[None, :], base + pair, mask, cos, sin, first, in_rot, ROTATE)
         tl.store(qo_ptr + t * sqo_t + h * sqo_h + d[None, :], q, mask=mask)
     else:
         slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -55,7 +60,7 @@ def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, pos_ptr, cs_ptr, kc_ptr, v
             h = (hb - Q_BLOCKS) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
             mask = (h < HKV) & (d[None, :] < D)
             base = k_ptr + t * sk_t + h * sk_h
-            k = _rotate(base + d[None, :], base + pair, mask, cos, sin, first, in_rot, ROTATE)
+            k = _rotate_tile(base + d[None, :], base + pair, mask, cos, sin, first, in_rot, ROTATE)
             blk, off = slot // block_size, slot % block_size
             tl.store(kc_ptr + blk * skc_b + off * skc_s + h * skc_h + d[None, :],
                      k.to(kc_ptr.dtype.element_ty), mask=mask)
@@ -104,7 +109,7 @@ def rotary_cache(
     return q_out
 
 
-def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool) -> torch.Tensor:
     # x: [T, heads, D]; cos/sin: [T, rotary_dim // 2]
     rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
     cos, sin = cos[:, None, :], sin[:, None, :]
@@ -140,8 +145,8 @@ def rotary_cache_ref(
     """
     if cos_sin is not None and rotary_dim > 0:
         cos, sin = cos_sin[positions].chunk(2, dim=-1)
-        q = _rotate_ref(q, cos, sin, rotary_dim, interleaved)
-        k = _rotate_ref(k, cos, sin, rotary_dim, interleaved)
+        q = _rotate(q, cos, sin, rotary_dim, interleaved)
+        k = _rotate(k, cos, sin, rotary_dim, interleaved)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)

@@ -1,0 +1,219 @@
+"""Each Triton kernel against its plain-torch reference, at small and ragged shapes.
+
+Without CUDA the kernels run in the Triton interpreter (numpy), hence the small shapes
+and no bf16 (the interpreter computes bf16 wrongly). With CUDA the same cases run
+compiled; tests/test_kernels_gpu.py covers real shapes.
+"""
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:  # before triton is imported; tests/conftest.py does the same for the whole run
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import kernels.activation as act  # noqa: E402
+import kernels.attention as attn  # noqa: E402
+import kernels.norm as norm  # noqa: E402
+import kernels.rotary as rot  # noqa: E402
+import kernels.sampling as samp  # noqa: E402
+
+if not CUDA:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(norm._add_norm_kernel, InterpretedFunction):
+        # triton's own @jit helpers (tl.sum...) are fixed at its import: reloading our modules cannot help.
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set; tests/conftest.py sets it")
+
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16]
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow in masked-off lanes
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, atol32: float = 1e-5) -> None:
+    atol = {torch.float32: atol32, torch.float16: 2e-3}[dtype]
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=1e-2 if dtype == torch.float16 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms", [True, False])
+@pytest.mark.parametrize("T,hidden", [(1, 64), (7, 80), (5, 300)])
+def test_add_norm(dtype, rms, T, hidden):
+    x, r = (torch.randn(T, hidden, dtype=dtype, device=DEV) for _ in range(2))
+    w, b = torch.randn(hidden, dtype=dtype, device=DEV), torch.randn(hidden, dtype=dtype, device=DEV)
+    for residual in (None, r):
+        for bias in (None, b):
+            y, h = norm.add_norm(x, residual, w, bias, 1e-5, rms)
+            y_ref, h_ref = norm.add_norm_ref(x, residual, w, bias, 1e-5, rms)
+            _close(h, h_ref, dtype)
+            _close(y, y_ref, dtype, atol32=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "relu", "silu", "silu_and_mul", "gelu_tanh_and_mul"])
+def test_bias_act(dtype, kind):
+    for shape in [(1, 64), (3, 5, 2 * 96), (9, 2 * 1100)]:  # 2 * 1100: two column blocks, ragged
+        x = torch.randn(shape, dtype=dtype, device=DEV) * 3
+        bias = torch.randn(shape[-1], dtype=dtype, device=DEV)
+        for b in (None, bias):
+            _close(act.bias_act(x, b, kind), act.bias_act_ref(x, b, kind), dtype)
+    with pytest.raises(ValueError, match="unknown activation"):
+        act.bias_act(x, None, "swish")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("D,rotary_dim", [(32, 32), (80, 32), (64, 0), (16, 16)])
+def test_rotary_cache(dtype, interleaved, D, rotary_dim):
+    T, H, Hkv, num_blocks, block_size = 11, 6, 2, 9, 4
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, dtype=dtype, device=DEV)  # strided views, as the model passes
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+    positions = torch.randint(0, 100, (T,), device=DEV)
+    cos_sin = torch.randn(128, rotary_dim, device=DEV) if rotary_dim else None
+    slots = torch.randperm(num_blocks * block_size, device=DEV)[:T]
+    slots[[2, 7]] = -1  # padding tokens: nothing written
+    kc, vc = (torch.randn(num_blocks, block_size, Hkv, D, dtype=dtype, device=DEV) for _ in range(2))
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    out = rot.rotary_cache(q, k, v, positions, cos_sin, rotary_dim, interleaved, kc, vc, slots)
+    ref = rot.rotary_cache_ref(q, k, v, positions, cos_sin, rotary_dim, interleaved, kc_ref, vc_ref, slots)
+    _close(out, ref, dtype)
+    _close(kc, kc_ref, dtype)  # whole caches: untouched slots must stay as they were
+    torch.testing.assert_close(vc, vc_ref, atol=0, rtol=0)
+    if rotary_dim == 0:  # no rotation passes q through, as the reference does
+        assert out is q
+
+
+def _paged_inputs(q_lens, ctx_lens, H, Hkv, D, block_size, dtype, alibi=False):
+    """Random q and caches; block tables are random permutations, wider than needed."""
+    B = len(q_lens)
+    width = max(-(-c // block_size) for c in ctx_lens) + 2
+    num_blocks = B * width + 3
+    kc, vc = (torch.randn(num_blocks, block_size, Hkv, D, dtype=dtype, device=DEV) for _ in range(2))
+    tables = torch.randperm(num_blocks, device=DEV)[:B * width].view(B, width).int()
+    q = torch.randn(sum(q_lens), H, D, dtype=dtype, device=DEV) * 2  # peakier softmax than randn
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEV)
+    slopes = torch.rand(H, device=DEV) * 0.5 if alibi else None
+    return q, kc, vc, tables, cu, ctx, slopes
+
+
+ATTN_TOL = {torch.float32: 1e-2 if CUDA else 1e-4, torch.float16: 3e-3}  # CUDA: tf32 dots
+
+
+def _check_attn(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), atol=ATTN_TOL[dtype], rtol=ATTN_TOL[dtype])
+
+
+# (q_lens, context_lens): decode only; a fresh prefill; chunked prefill (q_len < context)
+# mixed with decodes; contexts off block boundaries throughout.
+CASES = {
+    "decode": ([1, 1, 1, 1], [1, 9, 37, 70]),
+    "prefill": ([19], [19]),
+    "mixed": ([1, 13, 1, 30, 2], [25, 13, 6, 71, 40]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("H,Hkv,D,dtype", [(4, 4, 32, torch.float32), (4, 2, 80, torch.float16),
+                                           (8, 2, 16, torch.float16)])
+@pytest.mark.parametrize("alibi,window", [(False, None), (True, None), (False, 6), (True, 20)])
+def test_paged_attention(case, H, Hkv, D, dtype, alibi, window):
+    q_lens, ctx_lens = CASES[case]
+    q, kc, vc, tables, cu, ctx, slopes = _paged_inputs(q_lens, ctx_lens, H, Hkv, D, 8, dtype, alibi)
+    args = (q, kc, vc, tables, cu, ctx, D ** -0.5, slopes, window)
+    _check_attn(attn.paged_attention(*args), attn.paged_attention_ref(*args), dtype)
+
+
+@pytest.mark.parametrize("D", [64, 96, 128])
+def test_paged_attention_head_dims(D):
+    """Real head sizes, with a strided q (a view into fused qkv) and block size 16."""
+    for q_lens, ctx_lens in CASES.values():
+        q, kc, vc, tables, cu, ctx, _ = _paged_inputs(q_lens, ctx_lens, 4, 2, D, 16, torch.float16)
+        q = torch.cat([q, torch.randn_like(q)], dim=1)[:, :4]
+        args = (q, kc, vc, tables, cu, ctx, 0.1)
+        _check_attn(attn.paged_attention(*args), attn.paged_attention_ref(*args), torch.float16)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 50])
+def test_decode_splits(num_splits):
+    """The split-K path at any number of slices, including slices past every context's end."""
+    q, kc, vc, tables, cu, ctx, slopes = _paged_inputs([1] * 3, [130, 3, 64], 8, 2, 32, 8, torch.float32, True)
+    out = torch.full_like(q, float("nan"))
+    attn._decode(q, kc, vc, tables, cu, ctx, 0.2, slopes, 50, out, num_splits=num_splits, block_n=16)
+    _check_attn(out, attn.paged_attention_ref(q, kc, vc, tables, cu, ctx, 0.2, slopes, 50), torch.float32)
+
+
+@pytest.mark.parametrize("alibi,window", [(False, None), (True, None), (True, 9)])
+def test_prefill_tiles(alibi, window):
+    """Small tiles: several per sequence, sequences starting mid-tile, unmasked tiles below the diagonal."""
+    q, kc, vc, tables, cu, ctx, slopes = _paged_inputs([5, 1, 23, 16, 2, 40], [5, 40, 30, 16, 9, 45],
+                                                       2, 1, 16, 4, torch.float32, alibi)
+    out = torch.full_like(q, float("nan"))
+    attn._prefill(q, kc, vc, tables, cu, ctx, 0.3, slopes, window, out, block_m=16, block_n=16)
+    _check_attn(out, attn.paged_attention_ref(q, kc, vc, tables, cu, ctx, 0.3, slopes, window), torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_mixed_dispatch(num_splits):
+    """In a mixed batch the split-K kernel writes exactly the decode rows, the flash kernel the rest."""
+    q_lens, ctx_lens = [1, 13, 1, 30, 2], [25, 13, 6, 71, 40]
+    q, kc, vc, tables, cu, ctx, slopes = _paged_inputs(q_lens, ctx_lens, 4, 2, 32, 8, torch.float32, True)
+    args = (q, kc, vc, tables, cu, ctx, 0.2, slopes, None)
+    ref = attn.paged_attention_ref(*args)
+    decode_rows = cu[:-1][torch.tensor(q_lens) == 1].long()
+    is_decode = torch.zeros(q.shape[0], dtype=torch.bool, device=DEV)
+    is_decode[decode_rows] = True
+    out = torch.full_like(q, float("nan"))
+    attn._decode(*args, out, num_splits=num_splits, block_n=16, mixed=True)
+    assert out[~is_decode].isnan().all()
+    _check_attn(out[is_decode], ref[is_decode], torch.float32)
+    out = torch.full_like(q, float("nan"))
+    attn._prefill(*args, out, skip_decodes=True)
+    assert out[is_decode].isnan().all()
+    _check_attn(out[~is_decode], ref[~is_decode], torch.float32)
+
+
+def _sampling_inputs(S, V, gen):
+    logits = torch.randn(S, V, generator=gen) * 3
+    temperature = torch.rand(S, generator=gen) + 0.3
+    temperature[::4] = 0.0  # greedy rows
+    top_k = torch.randint(0, 12, (S,), generator=gen)
+    top_k[1], top_k[2] = V, V + 7  # at and past the vocabulary: off
+    top_p = torch.rand(S, generator=gen).clamp(min=0.05)
+    top_p[::3] = 1.0
+    top_p[5] = 0.0  # keeps the best token alone
+    return logits, temperature, top_k, top_p
+
+
+@pytest.mark.parametrize("V", [37, 3000])
+def test_sample(V):
+    gen = torch.Generator().manual_seed(V)
+    logits, temperature, top_k, top_p = _sampling_inputs(12, V, gen)
+    for trial in range(2):
+        noise = torch.empty(12, V).exponential_(generator=gen)
+        if trial:  # noise that cancels the probabilities: every kept token is about as likely
+            p = (logits / temperature.clamp(min=1e-3)[:, None]).softmax(-1)
+            noise = (p * (torch.rand(12, V, generator=gen) + 0.5)).clamp(min=1e-30)
+        args = [t.to(DEV) for t in (logits, temperature, top_k, top_p, noise)]
+        ref = samp.sample_ref(*args)
+        assert samp.sample(*args).tolist() == ref.tolist()
+    assert (ref[::4] == logits[::4].argmax(-1).to(DEV)).all()  # greedy rows
+
+
+def test_sample_ref_filters():
+    """The reference's filtering on a hand-checked row: probs .5 .25 .125 .0625 ..."""
+    logits = torch.log(torch.tensor([[0.0625, 0.5, 0.125, 0.25, 0.0625]]))
+    one = torch.ones(1)
+    for k, p, kept in [(0, 1.0, {0, 1, 2, 3, 4}), (2, 1.0, {1, 3}), (0, 0.7, {1, 3}), (0, 0.75, {1, 3}),
+                       (0, 0.76, {1, 2, 3}), (3, 0.9, {1, 2, 3}), (4, 1.0, {0, 1, 2, 3, 4})]:
+        seen = set()
+        for i in range(5):  # a tiny noise on token i makes it win if it is kept
+            noise = torch.ones(1, 5)
+            noise[0, i] = 1e-6
+            seen.add(int(samp.sample_ref(logits, one, torch.tensor([k]), torch.tensor([p]), noise)))
+        assert seen == kept, (k, p)
