@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from mii.config import SamplingParams
+from mii.model.ops import ops_for
 from .sequence import Sequence, TokenLogprob
 
 
@@ -17,6 +18,7 @@ class Sampler:
         self.vocab, self.eos, self.device = vocab, eos_token_ids, device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.sample_fn = ops_for(device).sample  # temperature, top-k, top-p, draw: one kernel on CUDA
 
     def new_generator(self, seed: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
@@ -28,21 +30,19 @@ class Sampler:
         params = [s.params for s in seqs]
         raw = logits
         logits = self._penalize(logits.clone(), seqs, params)
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        if bool(greedy.all()):
+        if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
         else:
-            temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
-                                device=logits.device, dtype=torch.float32)
-            scaled = self._top_k_top_p(logits / temp[:, None], params)
-            probs = scaled.softmax(-1)
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            dev = logits.device
+            noise = torch.empty_like(logits).exponential_(generator=self.generator)
             for i, s in enumerate(seqs):
                 if s.generator is not None and not params[i].greedy:
                     noise[i].exponential_(generator=s.generator)
-            tokens = torch.where(greedy, logits.argmax(-1), (probs / noise).argmax(-1))
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(raw, tokens, params)
+            tokens = self.sample_fn(
+                logits, torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32),
+                torch.tensor([p.top_k for p in params], device=dev),
+                torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32), noise)
+        return tokens.tolist(), self._logprobs(raw, tokens, params)
 
     def _penalize(self, logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> torch.Tensor:
         for i, (s, p) in enumerate(zip(seqs, params)):
@@ -56,23 +56,6 @@ class Sampler:
                 if ends:
                     logits[i, ends] = float("-inf")
         return logits
-
-    @staticmethod
-    def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        ks = [p.top_k for p in params]
-        ps = [p.top_p for p in params]
-        if not any(ks) and all(p >= 1.0 for p in ps):
-            return logits
-        V = logits.shape[1]
-        srt, idx = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(V, device=logits.device)[None]
-        k = torch.tensor([k if k > 0 else V for k in ks], device=logits.device)[:, None]
-        drop = rank >= k
-        probs = srt.masked_fill(drop, float("-inf")).softmax(-1)
-        top_p = torch.tensor(ps, device=logits.device, dtype=torch.float32)[:, None]
-        drop |= (probs.cumsum(-1) - probs) >= top_p  # keep the smallest set reaching top_p
-        srt = srt.masked_fill(drop, float("-inf"))
-        return torch.empty_like(logits).scatter_(-1, idx, srt)
 
     @staticmethod
     def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[TokenLogprob | None]:

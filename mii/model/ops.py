@@ -17,6 +17,7 @@ from kernels.activation import bias_act_ref
 from kernels.attention import paged_attention_ref
 from kernels.norm import add_norm_ref
 from kernels.rotary import rotary_cache_ref
+from kernels.sampling import sample_ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,10 +26,11 @@ class Ops:
     bias_act: Callable
     rotary_cache: Callable
     paged_attention: Callable
+    sample: Callable
     backend: str
 
 
-REFERENCE = Ops(add_norm_ref, bias_act_ref, rotary_cache_ref, paged_attention_ref, "torch")
+REFERENCE = Ops(add_norm_ref, bias_act_ref, rotary_cache_ref, paged_attention_ref, sample_ref, "torch")
 
 # op name -> (module, function) of its Triton implementation, for CUDA.
 _TRITON = {
@@ -36,6 +38,7 @@ _TRITON = {
     "bias_act": ("kernels.activation", "bias_act"),
     "rotary_cache": ("kernels.rotary", "rotary_cache"),
     "paged_attention": ("kernels.attention", "paged_attention"),
+    "sample": ("kernels.sampling", "sample"),
 }
 
 
