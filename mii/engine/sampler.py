@@ -29,7 +29,8 @@ class Sampler:
         """logits: [S, V] float32, one row per sequence that samples this step."""
         params = [s.params for s in seqs]
         raw = logits
-        logits = self._penalize(logits.clone(), seqs, params)
+        if any(p.repetition_penalty != 1.0 or s.num_generated < p.min_new_tokens for s, p in zip(seqs, params)):
+            logits = self._penalize(logits.clone(), seqs, params)  # raw stays intact for logprobs
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
         else:
