@@ -42,8 +42,9 @@ class EngineConfig:
     num_kv_blocks: exact block count; overrides both budgets (tests use it to force preemption).
     max_num_seqs: most sequences in one step.
     max_num_batched_tokens: token budget of one step; long prompts are prefilled in chunks of it.
-    tensor_parallel: ranks the model is sliced over (later issue; 1 today).
-    quantize: None or one of QUANT_MODES (later issue).
+    tensor_parallel: ranks the model is sliced over (processes on this host, or torchrun's).
+    quantize: None or one of QUANT_MODES: ZeroQuant-style weight (and activation) quantization.
+    quant_group_size: input channels sharing one scale (falls back per layer to a divisor).
     enable_cuda_graph: capture decode steps on CUDA.
     seed: seed for unseeded sampling.
     """

@@ -1,5 +1,5 @@
-"""Per-rank execution: load the model, size and bind the KV cache, turn a scheduled
-batch into tensors, run the forward pass and sample."""
+"""Per-rank execution: load (and quantize) the model, size and bind the KV cache, turn
+a scheduled batch into tensors, run the forward pass and sample."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ from mii.config import EngineConfig
 from mii.model.decoder import BatchContext, DecoderModel
 from mii.model.loader import load_model
 from mii.model.ops import ops_for
+from mii.model.quant import check_quant_args, quantize_model, saved_quantization
 from mii.policies.base import ModelSpec
 from .sampler import Sampler
 from .scheduler import ScheduledSeq
@@ -24,12 +25,26 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, spec: ModelSpec, path: str, device: torch.device,
                  dtype: torch.dtype, eos_token_ids: set[int]):
         self.config, self.spec, self.device, self.dtype = config, spec, device, dtype
-        self.model: DecoderModel = load_model(path, spec, dtype, device, config.show_progress)
+        self.model: DecoderModel = self._load(path)
         self.ops = ops_for(device)
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
         self._allocate_kv()
         self.sampler = Sampler(spec.vocab, eos_token_ids, device, config.seed)
+
+    def _load(self, path: str) -> DecoderModel:
+        """Load this rank's shard, then quantize it on the fly if asked: after slicing, so each
+        rank quantizes only its own weights. A checkpoint from ``mii.quantize`` loads as saved."""
+        mode, saved = self.config.quantize, saved_quantization(self.spec.hf_config)
+        if mode is not None:
+            check_quant_args(mode, self.config.quant_group_size)  # before the load, not after
+            if saved is not None and saved["mode"] != mode:
+                raise ValueError(f"quantize={mode!r}, but {path!r} is already quantized as {saved['mode']!r}; "
+                                 f"pass quantize=None or the fp checkpoint")
+        model = load_model(path, self.spec, self.dtype, self.device, self.config.show_progress)
+        if mode is not None and saved is None:
+            quantize_model(model, mode, self.config.quant_group_size, self.spec.policy.quantizable)
+        return model
 
     def _num_blocks(self) -> int:
         attn = self.model.layers[0].attn

@@ -15,6 +15,7 @@ from mii.policies.base import ModelSpec, alibi_slopes
 from .layers import GatedUpLinear, Linear, Norm, PositionEmbedding, QKVLinear, VocabEmbedding
 from .ops import Ops
 from .parallel import TP
+from .quant import norm_quant
 
 
 @dataclass(slots=True)
@@ -42,8 +43,9 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
 
     def forward(self, x: torch.Tensor, ctx: BatchContext, ops: Ops, cos_sin, alibi) -> torch.Tensor:
-        T, D = x.shape[0], self.head_dim
-        q, k, v = self.qkv(x).split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
+        qkv = self.qkv(x)  # x may be an int8 activation (W8A8), so the shape comes from qkv
+        T, D = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
         q = ops.rotary_cache(q.view(T, self.heads, D), k.view(T, self.kv_heads, D), v.view(T, self.kv_heads, D),
                              ctx.positions, cos_sin, self.rotary_dim, self.interleaved,
                              self.k_cache, self.v_cache, ctx.slot_mapping)
@@ -79,14 +81,23 @@ class Block(nn.Module):
         self.mlp = MLP(spec, dtype)
 
     def forward(self, x, residual, ctx: BatchContext, ops: Ops, cos_sin, alibi):
-        h, residual = ops.add_norm(x, residual, self.ln1.weight, self.ln1.bias, self.ln1.eps, self.ln1.rms)
+        first = (self.attn.qkv, self.mlp.up) if self.shared_norm else (self.attn.qkv,)
+        h, residual = self.norm(x, residual, self.ln1, ops, *first)
         a = self.attn(h, ctx, ops, cos_sin, alibi)
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x)); GPT-J reuses ln1's output
             if not self.shared_norm:
-                h, _ = ops.add_norm(residual, None, self.ln2.weight, self.ln2.bias, self.ln2.eps, self.ln2.rms)
+                h, _ = self.norm(residual, None, self.ln2, ops, self.mlp.up)
             return a + self.mlp(h, ops), residual
-        h, residual = ops.add_norm(a, residual, self.ln2.weight, self.ln2.bias, self.ln2.eps, self.ln2.rms)
+        h, residual = self.norm(a, residual, self.ln2, ops, self.mlp.up)
         return self.mlp(h, ops), residual
+
+    @staticmethod
+    def norm(x, residual, norm: Norm, ops: Ops, *consumers: nn.Module):
+        """(norm(x + residual), x + residual). When the linears it feeds take int8 (W8A8),
+        the per-token quantization is fused into the norm and they get an ``Int8Act``."""
+        if all(getattr(m, "takes_int8", False) for m in consumers):
+            return norm_quant(x, residual, norm)
+        return ops.add_norm(x, residual, norm.weight, norm.bias, norm.eps, norm.rms)
 
 
 class DecoderModel(nn.Module):

@@ -3,6 +3,10 @@
 Each tensor is read (memory-mapped), routed by the policy to its engine module, and
 copied into that module's own parameter by its ``weight_loader``, which keeps only
 this rank's slice. No second copy of the model is ever held.
+
+A checkpoint written by ``mii.quantize`` is built with empty quantized linears instead
+of fp ones, and names their tensors by engine module (``layers.3.attn.qkv.qweight``):
+they are already fused, so they go straight to that module.
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from mii.policies.base import ModelSpec, Policy
+from mii.policies.base import ModelSpec, Policy, W
 from .decoder import DecoderModel
+from .quant import quantized_skeleton, saved_quantization
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,9 @@ class WeightRouter:
         for src, w in policy.weights.items():
             pattern = re.escape(src).replace(re.escape("{i}"), r"(\d+)")
             self.rules.append((re.compile(rf"^{pattern}\.(weight|bias)$"), w))
+        for target in dict.fromkeys(w.target for w in policy.weights.values()):  # quantized layers' tensors
+            pattern = re.escape(target).replace(re.escape("{i}"), r"(\d+)")
+            self.rules.append((re.compile(rf"^{pattern}\.(qweight|scales|bias)$"), W(target)))
 
     def route(self, name: str):
         """(engine module, param name, W) or None for tensors we do not use."""
@@ -80,8 +88,11 @@ class WeightRouter:
 
 def load_model(path: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                show_progress: bool = True) -> DecoderModel:
+    saved = saved_quantization(spec.hf_config)
     with torch.device("meta"):
         model = DecoderModel(spec, dtype)
+        if saved:
+            quantized_skeleton(model, saved["mode"], saved["group_size"], tuple(saved["modules"]))
     model = model.to_empty(device=device)
     expected = {n for n, _ in model.named_parameters()}  # tied heads appear once
     loaded: set[str] = set()

@@ -10,17 +10,24 @@ Modes (all symmetric, no zero points):
 
 Quantization runs on each tensor-parallel shard's own weight, after slicing, so it
 composes with TP: a row-parallel shard's groups never straddle two ranks.
+
+Group size: ``quantize_model`` uses the requested size (default 128) wherever it divides
+a layer's inputs, and otherwise the largest power of two >= 32 that does (SmolLM2's
+hidden size 576 = 9 * 64 gets groups of 64); a layer with no such divisor is a ValueError.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
-from kernels.quant_act import quant_per_token, quant_per_token_ref
+from kernels.quant_act import add_norm_quant, add_norm_quant_ref, quant_per_token, quant_per_token_ref
 from kernels.quant_gemm import dequantize_ref, pack_int4, wxa16_gemm, wxa16_gemm_ref
 from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_ref
 from mii.policies.base import DEFAULT_QUANTIZABLE
-from .layers import Linear, _param
+from .layers import Linear, Norm, _param
 from .parallel import TP, all_reduce
 
 MODES = ("w8a16", "w4a16", "w8a8")
@@ -43,6 +50,18 @@ def _check_fits(in_features: int, mode: str, group_size: int, what: str) -> None
     if mode != "w8a8" and in_features % group_size:
         raise ValueError(f"group_size={group_size} does not divide in_features={in_features} of {what}; "
                          f"pick a power of two that divides it")
+
+
+def group_size_for(in_features: int, mode: str, group_size: int, what: str = "a layer") -> int:
+    """The group size a layer with ``in_features`` inputs gets: ``group_size`` where it divides
+    them, else the largest power of two >= 32 that does (see the module docstring)."""
+    if mode == "w8a8" or in_features % group_size == 0:
+        return group_size
+    fallback = in_features & -in_features  # the largest power of two dividing in_features
+    if fallback < MIN_GROUP_SIZE:
+        raise ValueError(f"group_size={group_size} does not divide in_features={in_features} of {what}, "
+                         f"and no power of two >= {MIN_GROUP_SIZE} does")
+    return fallback
 
 
 def quantize_weight(w: torch.Tensor, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, torch.Tensor]:
@@ -77,6 +96,22 @@ def dequantize_weight(tensors: dict[str, torch.Tensor], mode: str) -> torch.Tens
 def _on_gpu(x: torch.Tensor) -> bool:
     """The one place that picks Triton (CUDA) over the plain-torch references (CPU)."""
     return x.device.type == "cuda"
+
+
+class Int8Act(NamedTuple):
+    """A per-token int8 activation, x ~= q * scale[..., None], standing for a ``dtype`` tensor."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def norm_quant(x: torch.Tensor, residual: torch.Tensor | None, norm: Norm) -> tuple[Int8Act, torch.Tensor]:
+    """``ops.add_norm`` with the normalized output quantized per token in the same kernel
+    (W8A8: the float output is never written): (int8 activation, x + residual)."""
+    fn = add_norm_quant if _on_gpu(x) else add_norm_quant_ref
+    q, scale, h = fn(x, residual, norm.weight, norm.bias, norm.eps, norm.rms)
+    return Int8Act(q, scale, x.dtype), h
 
 
 class QuantLinear(nn.Module):
@@ -150,7 +185,14 @@ class QuantLinear(nn.Module):
                 y = y + self.bias  # bias once, after the sum
         return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_int8(self) -> bool:
+        """Whether this layer wants its input as an :class:`Int8Act` (so the norm before it quantizes)."""
+        return self.mode == "w8a8"
+
+    def forward(self, x: torch.Tensor | Int8Act) -> torch.Tensor:
+        if isinstance(x, Int8Act):
+            return self.forward_int8(*x)
         if self.mode == "w8a8":
             xq, x_scale = (quant_per_token if _on_gpu(x) else quant_per_token_ref)(x)
             return self.forward_int8(xq, x_scale, x.dtype)
@@ -173,22 +215,50 @@ def _matches(name: str, suffixes: tuple[str, ...]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
+def _swap_linears(model: nn.Module, mode: str, group_size: int, quantizable: tuple[str, ...], make,
+                  show_progress: bool) -> nn.Module:
+    """Replace each quantizable ``Linear`` by ``make(linear, group)``; every target is checked
+    (and its group size chosen) before any is swapped, so a ValueError leaves the model as it was."""
+    check_quant_args(mode, group_size)
+    targets = [(name, group_size_for(m.in_features, mode, group_size, name))
+               for name, m in model.named_modules() if isinstance(m, Linear) and _matches(name, quantizable)]
+    # names, not modules: nothing here keeps a float weight alive once its layer is swapped
+    for name, group in tqdm(targets, desc=f"Quantizing ({mode})", unit="layer", disable=not show_progress):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, make(getattr(parent, attr), group))
+    return model
+
+
 def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
-                   quantizable: tuple[str, ...] = DEFAULT_QUANTIZABLE) -> nn.Module:
+                   quantizable: tuple[str, ...] = DEFAULT_QUANTIZABLE, show_progress: bool = False) -> nn.Module:
     """Swap every ``Linear`` whose dotted name ends with one of ``quantizable`` for a
     :class:`QuantLinear`, in place, and return the model.
 
-    Every target is checked before any is swapped, so a ValueError leaves the model as it was.
     Each fp weight is dropped as soon as its layer is quantized, so peak memory grows by one layer.
     """
-    check_quant_args(mode, group_size)
-    targets = []
-    for name, m in model.named_modules():
-        if isinstance(m, Linear) and _matches(name, quantizable):
-            _check_fits(m.in_features, mode, group_size, name)
-            targets.append(name)
-    for name in targets:  # names, not modules: nothing here keeps a float weight alive
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), mode, group_size))
-    return model
+    return _swap_linears(model, mode, group_size, quantizable,
+                         lambda lin, group: QuantLinear.from_linear(lin, mode, group), show_progress)
+
+
+def quantized_skeleton(model: nn.Module, mode: str, group_size: int, quantizable: tuple[str, ...]) -> nn.Module:
+    """Swap the quantizable linears of a model built on ``meta`` for empty :class:`QuantLinear`
+    storage, so that a quantized checkpoint loads without any fp weight being made."""
+    def empty(lin: Linear, group: int) -> QuantLinear:
+        return QuantLinear.empty(lin.in_features, lin.out_features, lin.bias is not None, lin.kind,
+                                 lin.fuse_bias, lin.weight.dtype, mode, group)
+    return _swap_linears(model, mode, group_size, quantizable, empty, False)
+
+
+QUANT_CONFIG_KEY = "mii_quantization"  # the config.json section written by ``mii.quantize``
+
+
+def saved_quantization(hf_config) -> dict | None:
+    """``{"mode", "group_size", "modules"}`` of a checkpoint written by ``mii.quantize``, else None."""
+    saved = getattr(hf_config, QUANT_CONFIG_KEY, None)
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or not {"mode", "group_size", "modules"} <= set(saved):
+        raise ValueError(f"config.json's {QUANT_CONFIG_KEY} section is malformed: {saved!r}")
+    check_quant_args(saved["mode"], saved["group_size"])
+    return saved
