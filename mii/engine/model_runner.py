@@ -12,6 +12,7 @@ from mii.model.loader import load_model
 from mii.model.ops import ops_for
 from mii.model.quant import check_quant_args, quantize_model, saved_quantization
 from mii.policies.base import ModelSpec
+from .cuda_graph import DecodeGraphs
 from .sampler import Sampler
 from .scheduler import ScheduledSeq
 from .sequence import TokenLogprob
@@ -31,6 +32,7 @@ class ModelRunner:
         self.num_blocks = self._num_blocks()
         self._allocate_kv()
         self.sampler = Sampler(spec.vocab, eos_token_ids, device, config.seed)
+        self.graphs = self._capture_graphs()
 
     def _load(self, path: str) -> DecoderModel:
         """Load this rank's shard, then quantize it on the fly if asked: after slicing, so each
@@ -56,13 +58,34 @@ class ModelRunner:
             budget = self.config.kv_cache_bytes
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.config.kv_cache_fraction)
+            budget = int(free * self.config.kv_cache_fraction) - self._activation_reserve()
         else:
             budget = CPU_KV_BYTES
         n = budget // per_block
         if n < 1:
             raise ValueError(f"KV-cache budget of {budget} bytes holds no block of {per_block} bytes")
         return n
+
+    def _activation_reserve(self) -> int:
+        """A generous bound on what one step's activations, logits and CUDA graphs take,
+        kept out of the KV budget so the largest step never runs out of memory."""
+        s, c = self.spec, self.config
+        act = c.max_num_batched_tokens * (6 * s.hidden + 3 * s.intermediate) * self.dtype.itemsize
+        logits = c.max_num_seqs * s.vocab * 4 * 4  # fp32 logits plus the sampler's copies
+        return act + logits + (512 << 20)
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        """Decode CUDA graphs, when asked for and the ops can be captured (the Triton ones;
+        the references sync with the host)."""
+        if not (self.config.enable_cuda_graph and self.device.type == "cuda" and self.ops.backend == "triton"):
+            return None
+        max_len = min(self.config.max_model_len or self.spec.max_positions, self.num_blocks * self.block_size)
+        try:
+            return DecodeGraphs(self.model, self.ops, self.config.max_num_seqs, -(-max_len // self.block_size),
+                                self.device)
+        except RuntimeError as e:  # e.g. an op that cannot be captured: run eagerly, loudly
+            log.warning("CUDA graph capture failed, decoding eagerly: %s", e)
+            return None
 
     def _allocate_kv(self) -> None:
         attn = self.model.layers[0].attn
@@ -105,8 +128,18 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """[S, vocab] float32 logits for the sequences that sample this step."""
-        input_ids, ctx = self.prepare(batch)
+        return self.forward(*self.prepare(batch))
+
+    def forward(self, input_ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """A pure decode step (one token and one sample per sequence) replays a CUDA graph."""
+        B = ctx.context_lens.numel()
+        if (self.graphs is not None and input_ids.numel() == B == ctx.logits_indices.numel()
+                and self.graphs.fits(B, ctx.block_tables.shape[1])):
+            return self.graphs.run(input_ids, ctx)
         return self.model(input_ids, ctx, self.ops)
+
+    def shutdown(self) -> None:
+        """Nothing to stop for a single rank (the TP runner stops its peers)."""
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprob | None]]:

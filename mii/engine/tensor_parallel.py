@@ -87,7 +87,7 @@ class TPModelRunner(ModelRunner):
         if TP.rank == 0:
             self._check_peers()
             _broadcast(self.device, input_ids, ctx)
-        return self.model(input_ids, ctx, self.ops)
+        return self.forward(input_ids, ctx)
 
     def serve_forever(self) -> None:
         """Non-zero ranks: run whatever batches rank 0 broadcasts, until told to stop."""
@@ -96,7 +96,7 @@ class TPModelRunner(ModelRunner):
                 got = _receive(self.device)
                 if got is None:
                     return
-                self.model(*got, self.ops)
+                self.forward(*got)  # the same graph-or-eager choice as rank 0
 
     def _check_peers(self) -> None:
         for rank, proc in enumerate(getattr(self, "procs", []), start=1):
