@@ -19,7 +19,8 @@ from .quant_gemm import tile_ids
 def w8a8_gemm_ref(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """xq [..., K] int8, x_scale [...] fp32, wq [N, K] int8, w_scale [N] fp32 -> [..., N] out_dtype."""
-    acc = (xq.reshape(-1, xq.shape[-1]).to(torch.int32) @ wq.to(torch.int32).t()).float()
+    # float64 holds every int8 x int8 dot product exactly (|sum| < 2**53), on CPU and CUDA alike
+    acc = (xq.reshape(-1, xq.shape[-1]).double() @ wq.double().t()).float()
     y = acc * x_scale.reshape(-1, 1).float() * w_scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()

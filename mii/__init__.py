@@ -17,4 +17,15 @@ def pipeline(model: str | None = None, **kwargs):
     return Pipeline(EngineConfig(model=model, **kwargs))
 
 
-__all__ = ["EngineConfig", "SamplingParams", "pipeline", "__version__"]
+_API = ("deploy", "mii_query_handle", "terminate", "serve", "client")
+
+
+def __getattr__(name: str):
+    # the serving API pulls in grpc; load it only when asked for
+    if name in _API:
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'mii' has no attribute {name!r}")
+
+
+__all__ = ["EngineConfig", "SamplingParams", "pipeline", "__version__", *_API]

@@ -84,11 +84,16 @@ class EngineLoop:
         self._streams: dict[str, RequestStream] = {}
         self._wake = threading.Event()
         self._stop = False
+        self.failed: BaseException | None = None  # set when the engine can run no more steps
         self._thread = threading.Thread(target=self._run, name="mii-engine", daemon=True)
         self._thread.start()
 
     def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue a request; bad prompts raise ValueError here, in the caller's thread."""
+        if self.failed is not None:
+            raise RuntimeError(f"engine is down: {self.failed}")
+        if isinstance(prompt, str) and not prompt:
+            raise ValueError("prompt must not be empty")
         ids = self.engine.encode(prompt)
         if len(ids) >= self.engine.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len={self.engine.max_model_len} "
@@ -145,6 +150,9 @@ class EngineLoop:
                     self.engine.abort(rid)
                     stream._put(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
                 self._streams.clear()
+                if getattr(e, "fatal", False):  # e.g. a dead tensor-parallel rank: stop for good
+                    self.failed = e
+                    break
                 continue
             for out in outputs:
                 stream = self._streams.get(out.request_id)
@@ -152,5 +160,17 @@ class EngineLoop:
                     stream._put(out)
                     if out.finished:
                         del self._streams[out.request_id]
+        self._drain_after_stop()
+
+    def _drain_after_stop(self) -> None:
+        reason = RuntimeError(f"engine is down: {self.failed}" if self.failed else "engine shut down")
         for stream in self._streams.values():
-            stream._put(RuntimeError("engine shut down"))
+            stream._put(reason)
+        self._streams.clear()
+        while True:  # requests queued but never admitted end too, instead of waiting forever
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                cmd[4]._put(reason)

@@ -74,6 +74,12 @@ def _init_group(rank: int, world: int, init_method: str, device: torch.device) -
     set_tensor_parallel(rank, world, dist.group.WORLD)
 
 
+class RankFailure(RuntimeError):
+    """A tensor-parallel peer is gone: this replica cannot run another step."""
+
+    fatal = True  # tells the engine loop to stop rather than carry on
+
+
 class TPModelRunner(ModelRunner):
     """A ModelRunner whose every step is mirrored by the other ranks."""
 
@@ -84,10 +90,13 @@ class TPModelRunner(ModelRunner):
 
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         input_ids, ctx = self.prepare(batch)
-        if TP.rank == 0:
-            self._check_peers()
+        self._check_peers()
+        try:
             _broadcast(self.device, input_ids, ctx)
-        return self.forward(input_ids, ctx)
+            return self.forward(input_ids, ctx)
+        except RuntimeError as e:  # a collective broke: say which rank, if one died
+            self._check_peers()
+            raise RankFailure(f"tensor-parallel step failed: {e}") from e
 
     def serve_forever(self) -> None:
         """Non-zero ranks: run whatever batches rank 0 broadcasts, until told to stop."""
@@ -101,7 +110,7 @@ class TPModelRunner(ModelRunner):
     def _check_peers(self) -> None:
         for rank, proc in enumerate(getattr(self, "procs", []), start=1):
             if not proc.is_alive():
-                raise RuntimeError(f"tensor-parallel rank {rank} died (exit code {proc.exitcode}); "
+                raise RankFailure(f"tensor-parallel rank {rank} died (exit code {proc.exitcode}); "
                                    f"this replica must be restarted")
 
     def shutdown(self) -> None:

@@ -1,0 +1,111 @@
+"""The legacy MII REST route: ``POST /mii/{deployment}`` with
+``{"request": {"query": [...]}, "kwargs": {...}}``; kwargs are ``mii.SamplingParams``
+fields (plus MII's ``max_tokens`` and ``do_sample``). ``"stream": true`` (one prompt or
+several) answers with Server-Sent Events, one per generated token."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.errors import RESPONSES, GatewayError
+from server.wire import finish_reason_name, prompt_to_proto, sampling_to_proto
+
+if TYPE_CHECKING:
+    from server.gateway import Gateway
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LegacyQuery(_Request):
+    query: str | list[str] = Field(description="One prompt or a batch of prompts")
+
+
+class LegacyKwargs(_Request):
+    """Sampling settings; unset ones take the engine's defaults."""
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="Alias of max_new_tokens")
+    min_new_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0.0, description="0 = greedy")
+    do_sample: bool | None = Field(None, description="false = greedy")
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+    skip_special_tokens: bool | None = None
+
+
+class LegacyRequest(_Request):
+    request: LegacyQuery
+    kwargs: LegacyKwargs = Field(default_factory=LegacyKwargs)
+    stream: bool = False
+
+
+class LegacyDetail(BaseModel):
+    generated_text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class LegacyResponse(BaseModel):
+    response: list[str] = Field(description="Generated text per prompt (MII's result.response)")
+    details: list[LegacyDetail]
+    time_taken: float
+
+
+class LegacyChunk(BaseModel):
+    index: int
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    generated_tokens: int
+
+
+def router(gw: Gateway) -> APIRouter:
+    r = APIRouter(tags=["legacy MII"], responses=RESPONSES)
+
+    @r.post("/mii/{deployment}", response_model=LegacyResponse, summary="Generate (legacy MII shape)",
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "JSON, or SSE of LegacyChunk when stream=true"}})
+    async def query(deployment: str, body: LegacyRequest, request: Request):
+        if deployment != gw.config.deployment:
+            raise GatewayError(404, f"no deployment {deployment!r} here; this is {gw.config.deployment!r}",
+                               param="deployment")
+        prompts = [body.request.query] if isinstance(body.request.query, str) else body.request.query
+        if not prompts:
+            raise GatewayError(400, "request.query: at least one prompt is required", param="request.query")
+        try:
+            params = sampling_to_proto(**body.kwargs.model_dump())
+        except ValueError as e:
+            raise GatewayError(400, f"kwargs: {e}", param="kwargs") from None
+        jobs = [(prompt_to_proto(p), params) for p in prompts]
+        return await gw.respond(request, body.stream, lambda t: _chunks(gw, jobs, t), lambda t: _result(gw, jobs, t))
+
+    return r
+
+
+async def _result(gw: Gateway, jobs, start: float) -> LegacyResponse:
+    outs = await gw.pool.generate(jobs, start)
+    details = [LegacyDetail(generated_text=o.text, token_ids=o.token_ids, finish_reason=finish_reason_name(
+        o.finish_reason), prompt_tokens=o.prompt_tokens, generated_tokens=o.generated_tokens) for o in outs]
+    return LegacyResponse(response=[o.text for o in outs], details=details, time_taken=time.monotonic() - start)
+
+
+async def _chunks(gw: Gateway, jobs, start: float):
+    async for i, d in gw.pool.streams(jobs, start):
+        yield LegacyChunk(index=i, text=d.text, token_ids=list(d.token_ids), finished=d.finished,
+                          finish_reason=finish_reason_name(d.finish_reason), prompt_tokens=d.prompt_tokens,
+                          generated_tokens=d.generated_tokens)
