@@ -12,7 +12,8 @@ def _row(cells) -> str:
 
 
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
-    runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
+            if not p.name.startswith(("quant-", "tp-"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -40,7 +41,8 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"ours {s['output_tok_s']:.0f} output tok/s; TTFT mean/p50/p99 {s['ttft_ms']['mean']:.0f}/"
                   f"{s['ttft_ms']['p50']:.0f}/{s['ttft_ms']['p99']:.0f} ms; inter-token mean/p50/p99 "
                   f"{s['itl_ms']['mean']:.1f}/{s['itl_ms']['p50']:.1f}/{s['itl_ms']['p99']:.1f} ms; "
-                  f"{s['preemptions']} preemptions.", ""]
+                  f"{s['preemptions']} preemptions. Where the time went (s): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in s.get("phase_seconds", {}).items()) + ".", ""]
         for mode, h in r["hf"].items():
             hs = h["serving"]
             note = (f" (extrapolated from {hs['batches_run']} of {hs['batches_total']} batches)"
@@ -48,6 +50,26 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
             lines.append(f"- HF {mode}, static batches of 32: {hs['output_tok_s']:.0f} output tok/s{note}; "
                          f"ours is {r['serving_speedup'][mode]:.1f}x.")
         lines.append("")
+    for p in sorted(Path(results).glob("quant-*.json")):
+        q = json.loads(p.read_text())
+        m = q["meta"]
+        lines += [f"## Quantization, {q['model']}", "", f"{m['device']}, {m['date']}; bs=1 decode, prompt 128.", "",
+                  _row(["mode", "weights (GB)", "x fp16", "bs=1 tok/s", "speed-up", "% of its roofline",
+                        "prefill 4096 (ms)", "prefill speed-up"]), _row(["---"] * 8)]
+        for mode, r in q["modes"].items():
+            lines.append(_row([mode, f"{r['weight_bytes'] / 1e9:.2f}", f"{r['weight_ratio']:.2f}",
+                               f"{r['bs1_tok_s']:.0f}", f"{r['decode_speedup']:.2f}x", f"{r['pct_roofline']:.0f}%",
+                               f"{r['prefill_4096_ms']:.0f}", f"{r['prefill_speedup']:.2f}x"]))
+        lines.append("")
+    for p in sorted(Path(results).glob("tp-*.json")):
+        t = json.loads(p.read_text())
+        lines += [f"## Tensor parallel, {t['model']}", "", f"{t['device']}, {t['date']}, torch {t['torch']}.", "",
+                  f"- bs=1 decode: TP=1 {t['tp1']['bs1_ms_per_step']:.2f} ms/step, TP=2 "
+                  f"{t['tp2']['bs1_ms_per_step']:.2f} ms/step: {t['latency_ratio']:.2f}x the TP=1 latency.",
+                  f"- greedy outputs identical to TP=1: {t['identical_outputs']} (first 8 tokens agree on "
+                  f"{100 * t['first_token_agreement']:.0f}% of prompts).",
+                  f"- all-reduce of one token's hidden state: {t['allreduce_us']:.1f} us; 2 per layer = "
+                  f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the TP=2 step.", ""]
     Path(out).write_text("\n".join(lines) + "\n")
     _plot(runs, Path(out).with_name("results.png"))
 

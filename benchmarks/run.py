@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--hf-eager-batches", type=int, default=1,
                     help="static batches of the serving workload run by HF eager (the rest extrapolated)")
     ap.add_argument("--quick", action="store_true", help="200 serving requests instead of 1,000")
+    ap.add_argument("--quant-model", default=None, help="also measure quantization modes on this shape")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,16 @@ def main() -> None:
         pass
     print(json.dumps(meta))
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        if args.quant_model:
+            from .quant import bench_quant
+            path, model = build(args.quant_model, Path(tmp))
+            del model
+            torch.cuda.empty_cache()
+            q = {"model": args.quant_model, "meta": meta,
+                 "modes": bench_quant(path, meta["copy_bandwidth_GBs"] * 1e9)}
+            (out / f"quant-{args.quant_model}.json").write_text(json.dumps(q, indent=1))
+            print(json.dumps(q), flush=True)
+        for name in filter(None, args.models.split(",")):
             res = bench_model(name, Path(tmp), meta["copy_bandwidth_GBs"] * 1e9, args.hf_eager_batches, args.quick)
             res["meta"] = meta
             (out / f"{name}.json").write_text(json.dumps(res, indent=1))

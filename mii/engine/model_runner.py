@@ -90,7 +90,9 @@ class ModelRunner:
     def _allocate_kv(self) -> None:
         attn = self.model.layers[0].attn
         shape = (self.spec.num_layers, 2, self.num_blocks, self.block_size, attn.kv_heads, attn.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # zeros, not empty: masked-out cache slots still meet V in the softmax product, and
+        # 0 * NaN from uninitialized memory would be NaN
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.attn.k_cache, layer.attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 
@@ -114,16 +116,21 @@ class ModelRunner:
             if item.samples:
                 logits_idx.append(cu[-1] - 1)
         width = max(len(item.seq.block_table) for item in batch)
-        tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch]
-
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-
-        ctx = BatchContext(
-            positions=t(positions, torch.long), slot_mapping=t(slots, torch.long),
-            block_tables=t(tables, torch.int32), cu_seqlens_q=t(cu, torch.int32),
-            context_lens=t(ctx_lens, torch.int32), logits_indices=t(logits_idx, torch.long))
-        return t(ids, torch.long), ctx
+        tables: list[int] = []
+        for item in batch:
+            tables += item.seq.block_table + [0] * (width - len(item.seq.block_table))
+        # Two host-to-device copies per step (one per dtype), from pinned memory so they
+        # run asynchronously, instead of one small copy per field.
+        T, B, S = len(ids), len(batch), len(logits_idx)
+        pin = self.device.type == "cuda"
+        longs = torch.tensor(ids + positions + slots + logits_idx, dtype=torch.long, pin_memory=pin)
+        ints = torch.tensor(tables + cu + ctx_lens, dtype=torch.int32, pin_memory=pin)
+        longs = longs.to(self.device, non_blocking=True)
+        ints = ints.to(self.device, non_blocking=True)
+        ids_t, pos_t, slots_t, logits_t = longs.split([T, T, T, S])
+        tables_t, cu_t, ctx_t = ints.split([B * width, B + 1, B])
+        return ids_t, BatchContext(positions=pos_t, slot_mapping=slots_t, block_tables=tables_t.view(B, width),
+                                   cu_seqlens_q=cu_t, context_lens=ctx_t, logits_indices=logits_t)
 
     @torch.inference_mode()
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:

@@ -1,0 +1,41 @@
+"""Issue-6 figures: bs=1 decode and weight memory per quantization mode, and a 4,096-token
+prefill with W8A8 against fp16, on one model shape."""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from . import ours
+
+
+def weight_bytes_on_device(eng) -> int:
+    seen, n = set(), 0
+    for t in list(eng.runner.model.parameters()) + list(eng.runner.model.buffers()):
+        if t.device.type == "cuda" and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
+def bench_quant(path, bw: float, modes=(None, "w8a16", "w4a16", "w8a8")) -> dict:
+    out = {}
+    for mode in modes:
+        eng, startup = ours.make_engine(path, quantize=mode)
+        wb = weight_bytes_on_device(eng)
+        ours.decode(eng, 1, new_tokens=16)
+        d = ours.decode(eng, 1)
+        out[mode or "fp16"] = {"startup_s": startup, "weight_bytes": wb, "bs1_tok_s": d["tok_s"],
+                               "bs1_ms_per_step": d["ms_per_step"], "roofline_tok_s": bw / wb,
+                               "pct_roofline": 100 * d["tok_s"] * wb / bw,
+                               "prefill_4096_ms": ours.ttft(eng, prompt_len=4096, repeats=3)}
+        eng.shutdown()
+        del eng
+        gc.collect()
+        torch.cuda.empty_cache()
+    fp = out["fp16"]
+    for mode, r in out.items():
+        r["decode_speedup"] = r["bs1_tok_s"] / fp["bs1_tok_s"]
+        r["weight_ratio"] = r["weight_bytes"] / fp["weight_bytes"]
+        r["prefill_speedup"] = fp["prefill_4096_ms"] / r["prefill_4096_ms"]
+    return out

@@ -1,0 +1,93 @@
+"""Issue-7 figures on a 2-GPU machine: TP=2 against TP=1 bs=1 decode latency on one
+shape, identical greedy outputs, and the all-reduce time per step.
+
+    python -m benchmarks.tp --model llama-7b --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import ours
+from .models import build
+from mii.config import SamplingParams
+
+
+def allreduce_us(hidden: int, iters: int = 200) -> float:
+    """Mean time of one [1, hidden] fp16 all-reduce over 2 GPUs, in its own two processes."""
+    import torch.multiprocessing as mp
+    port = 29500 + os.getpid() % 1000
+    q = mp.get_context("spawn").SimpleQueue()
+    procs = [mp.get_context("spawn").Process(target=_ar_worker, args=(r, port, hidden, iters, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return q.get()
+
+
+def _ar_worker(rank: int, port: int, hidden: int, iters: int, q) -> None:
+    import torch.distributed as dist
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.float16)
+    for _ in range(20):
+        dist.all_reduce(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(x)
+    torch.cuda.synchronize()
+    if rank == 0:
+        q.put(1e6 * (time.perf_counter() - t0) / iters)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="llama-7b")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    res = {"model": args.model, "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}",
+           "date": datetime.date.today().isoformat(), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        path, model = build(args.model, Path(tmp))
+        del model
+        torch.cuda.empty_cache()
+        prompts = [[(7 * i + 3 * j) % 30000 + 3 for j in range(64)] for i in range(4)]
+        greedy = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
+        tokens = {}
+        for tp in (1, 2):
+            eng, startup = ours.make_engine(path, tensor_parallel=tp)
+            ours.decode(eng, 1, new_tokens=16)
+            d = ours.decode(eng, 1)
+            tokens[tp] = [o.token_ids for o in eng.generate(prompts, greedy)]
+            res[f"tp{tp}"] = {"startup_s": startup, "bs1_ms_per_step": d["ms_per_step"], "bs1_tok_s": d["tok_s"],
+                              "graphs": eng.runner.graphs is not None}
+            eng.shutdown()
+            del eng
+            torch.cuda.empty_cache()
+        res["latency_ratio"] = res["tp2"]["bs1_ms_per_step"] / res["tp1"]["bs1_ms_per_step"]
+        res["identical_outputs"] = tokens[1] == tokens[2]
+        res["first_token_agreement"] = sum(a[:8] == b[:8] for a, b in zip(tokens[1], tokens[2])) / len(prompts)
+    from .models import SHAPES
+    kw = SHAPES[args.model][1]
+    hidden, layers = kw.get("hidden_size"), kw.get("num_hidden_layers")
+    us = allreduce_us(hidden)
+    res["allreduce_us"] = us
+    res["allreduce_per_step_ms"] = 2 * layers * us / 1e3  # attention output and MLP down, per layer
+    res["allreduce_fraction"] = res["allreduce_per_step_ms"] / res["tp2"]["bs1_ms_per_step"]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"tp-{args.model}.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
