@@ -63,7 +63,7 @@ def bench_model(name: str, root: Path, bw: float, hf_eager_batches: int, quick: 
     for mode, static in (("eager", False), ("compiled", True)):
         res["hf"][mode] = {"decode": [hf.decode(model, b, static) for b in (1, 32)]}
         res["hf"][mode]["serving"] = hf.serve_static_batches(
-            model, workload, static, max_batches=hf_eager_batches if not static else (2 if quick else None))
+            model, workload, static, max_batches=hf_eager_batches if not static else (2 if quick else 4))
     ours_tps = res["ours"]["serving"]["output_tok_s"]
     res["serving_speedup"] = {m: ours_tps / res["hf"][m]["serving"]["output_tok_s"] for m in res["hf"]}
     return res
