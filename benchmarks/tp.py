@@ -54,7 +54,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="llama-7b")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--watchdog", type=float, default=0, help="dump all stacks and exit after this many seconds")
     args = ap.parse_args()
+    if args.watchdog:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
     res = {"model": args.model, "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}",
            "date": datetime.date.today().isoformat(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,13 +73,16 @@ def main() -> None:
         prompts = [[(7 * i + 3 * j) % 30000 + 3 for j in range(64)] for i in range(4)]
         greedy = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
         tokens = {}
+        say("model built")
         for tp in (1, 2):
-            eng, startup = ours.make_engine(path, tensor_parallel=tp)
+            eng, startup = ours.make_engine(path, tensor_parallel=tp, enable_cuda_graph=not args.no_cuda_graph)
+            say(f"TP={tp} engine ready in {startup:.1f}s")
             ours.decode(eng, 1, new_tokens=16)
             d = ours.decode(eng, 1)
             tokens[tp] = [o.token_ids for o in eng.generate(prompts, greedy)]
             res[f"tp{tp}"] = {"startup_s": startup, "bs1_ms_per_step": d["ms_per_step"], "bs1_tok_s": d["tok_s"],
                               "graphs": eng.runner.graphs is not None}
+            say(f"TP={tp} measured: {d['ms_per_step']:.2f} ms/step")
             eng.shutdown()
             del eng
             torch.cuda.empty_cache()
