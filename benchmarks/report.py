@@ -70,6 +70,9 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"{100 * t['first_token_agreement']:.0f}% of prompts).",
                   f"- all-reduce of one token's hidden state: {t['allreduce_us']:.1f} us; 2 per layer = "
                   f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the TP=2 step.", ""]
+    notes = Path(results) / "notes.md"  # hand-written context for runs that did not finish
+    if notes.is_file():
+        lines += [notes.read_text()]
     Path(out).write_text("\n".join(lines) + "\n")
     _plot(runs, Path(out).with_name("results.png"))
 

@@ -301,12 +301,21 @@ def test_api_key_and_queue_limit(dep, tmp_path):
         assert http.get("/v1/models", headers=auth).status_code == 200
         spec = http.get("/openapi.json", headers=auth).json()
         assert "HTTPBearer" in spec["components"]["securitySchemes"]
-        # one admission, 16 x 240 tokens: seconds of work holding the only slot
+        # one admission, 16 x 240 tokens holds the only slot; a second request meanwhile gets 429.
+        # On an idle machine the holder can finish first, so a 200 only counts as a race
+        # if the holder was already done by then; we retry until the overlap is observed.
         slow = {"model": NAME, "prompt": "x", "max_tokens": 240, "ignore_eos": True, "n": 16, "stream": True}
-        with http.stream("POST", "/v1/completions", json=slow, headers=auth) as r:
-            next(r.iter_lines())  # admitted and generating: the one slot is taken
-            busy = http.post("/v1/completions", json={"model": NAME, "prompt": "x"}, headers=auth)
-            assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+        busy = None
+        for _ in range(5):
+            with http.stream("POST", "/v1/completions", json=slow, headers=auth) as r:
+                lines = r.iter_lines()
+                next(lines)  # admitted and generating: the one slot is taken
+                busy = http.post("/v1/completions", json={"model": NAME, "prompt": "x"}, headers=auth)
+                if busy.status_code == 429:
+                    break  # leave the stream unread: dropping it must free the slot (below)
+                holder_done = "data: [DONE]" in list(lines)
+            assert busy.status_code == 200 and holder_done, busy.text
+        assert busy.status_code == 429 and busy.headers["Retry-After"] == "1", busy.text
         # the dropped stream gives its slot back as soon as the gateway notices the disconnect
         deadline = time.monotonic() + 10
         while (r := http.post("/v1/completions", json={"model": NAME, "prompt": "x"}, headers=auth)).status_code == 429:

@@ -125,9 +125,18 @@ class TPModelRunner(ModelRunner):
             if p.is_alive():
                 p.kill()
         self.procs = []
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_group(self)
         set_tensor_parallel(0, 1)
+
+
+def _leave_group(runner: ModelRunner) -> None:
+    # Captured graphs hold NCCL work; destroying the group under them hung on 2x H200
+    # (seen 2026-11-22), so drop them first.
+    runner.graphs = None
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _broadcast(device: torch.device, input_ids: torch.Tensor, ctx: BatchContext) -> None:
@@ -157,7 +166,7 @@ def _worker(rank: int, config: EngineConfig, spec: ModelSpec, path: str, dtype: 
     _init_group(rank, config.tensor_parallel, init_method, device)
     runner = TPModelRunner(config.replace(show_progress=False), spec, path, device, dtype, set())
     runner.serve_forever()
-    dist.destroy_process_group()
+    _leave_group(runner)
 
 
 def join_launched(config: EngineConfig, spec: ModelSpec, path: str, dtype: torch.dtype,
@@ -176,7 +185,7 @@ def join_launched(config: EngineConfig, spec: ModelSpec, path: str, dtype: torch
     runner = TPModelRunner(config, spec, path, device, dtype, eos_token_ids)
     if env["RANK"] != 0:
         runner.serve_forever()
-        dist.destroy_process_group()
+        _leave_group(runner)
         raise SystemExit(0)
     return runner
 
