@@ -63,7 +63,8 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
         lines.append("")
     for p in sorted(Path(results).glob("tp-*.json")):
         t = json.loads(p.read_text())
-        lines += [f"## Tensor parallel, {t['model']}", "", f"{t['device']}, {t['date']}, torch {t['torch']}.", "",
+        lines += [f"## Tensor parallel, {t['model']}", "", f"{t['device']}, {t['date']}, torch {t['torch']}; "
+                  f"CUDA graphs: {t['tp2'].get('graphs')}.", "",
                   f"- bs=1 decode: TP=1 {t['tp1']['bs1_ms_per_step']:.2f} ms/step, TP=2 "
                   f"{t['tp2']['bs1_ms_per_step']:.2f} ms/step: {t['latency_ratio']:.2f}x the TP=1 latency.",
                   f"- greedy outputs identical to TP=1: {t['identical_outputs']} (first 8 tokens agree on "
