@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 from .base import Cfg, Policy, W
 
 _LLAMA_WEIGHTS = {
@@ -34,17 +36,4 @@ LLAMA = Policy(
 MISTRAL = LLAMA
 
 # Qwen2: biases on q/k/v only.
-QWEN2 = Policy(
-    name="qwen2",
-    base_prefix="model.",
-    weights=_LLAMA_WEIGHTS,
-    norm="rms",
-    position="rotary",
-    activation=Cfg("hidden_act", "silu"),
-    gated_mlp=True,
-    qkv_bias=True,
-    o_bias=False,
-    mlp_bias=False,
-    eps=Cfg("rms_norm_eps", 1e-6),
-    tied_default=False,
-)
+QWEN2 = replace(LLAMA, name="qwen2", qkv_bias=True, o_bias=False, mlp_bias=False)
