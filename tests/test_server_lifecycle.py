@@ -101,8 +101,8 @@ def test_failed_start_reports_log_tail_and_cleans_up(tmp_path):
 
 
 def test_argument_errors_are_clear(tmp_path):
-    with pytest.raises(ValueError, match="tensor_parallel=2 is not supported yet"):
-        api.deploy("m", "tp", tensor_parallel=2, registry_path=tmp_path / "r.json")
+    with pytest.raises(ValueError, match="tensor_parallel must be a positive integer"):
+        api.deploy("m", "tp", tensor_parallel=0, registry_path=tmp_path / "r.json")
     with pytest.raises(ValueError, match="unknown deployment argument"):
         api.deploy("m", "bad", max_lenght=5, registry_path=tmp_path / "r.json")
     with pytest.raises(ValueError, match="replicas must be a positive integer"):
