@@ -22,28 +22,40 @@ def _prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(3, min(vocab, 30000)) for _ in range(n)]
 
 
-def _timed_steps(eng: LLMEngine) -> list[tuple[float, bool, list]]:
-    """Run to completion; per step: (seconds, decode-only?, outputs)."""
-    steps = []
-    while eng.has_unfinished():
+class _WaitClock:
+    """Times how long the host blocks on the device (the collect of a launched step):
+    the rest of a step is host work, which async scheduling overlaps with the GPU."""
+
+    def __init__(self, eng: LLMEngine):
+        self.seconds = 0.0
+        self._collect = eng.runner.collect
+        eng.runner.collect = self
+
+    def __call__(self, launched):
         t0 = time.perf_counter()
-        batch = eng.scheduler.schedule()
-        tokens, lps = eng.runner.run(batch)  # returns host lists: the step is synchronous
-        outs = eng.postprocess(batch, tokens, lps)
-        steps.append((time.perf_counter() - t0, all(b.num_tokens == 1 for b in batch), outs))
-    return steps
+        out = self._collect(launched)
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def decode(eng: LLMEngine, batch: int, prompt_len: int = 128, new_tokens: int = 128) -> dict:
+    """Steady-state decode: timed from the first token of every request to the end."""
     rng = random.Random(batch)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     for _ in range(batch):
         eng.add_request(_prompt(rng, prompt_len, eng.spec.vocab), params)
-    steps = _timed_steps(eng)
-    dec = [s for s in steps if s[1] and len(s[2]) == batch]
-    t = sum(s[0] for s in dec)
-    return {"batch": batch, "ms_per_step": 1e3 * t / len(dec), "tok_s": batch * len(dec) / t,
-            "decode_steps": len(dec)}
+    started: set[str] = set()
+    while len(started) < batch:  # prefill (possibly chunked) until every request has a token
+        started.update(o.request_id for o in eng.step())
+    torch.cuda.synchronize()
+    steps = tokens = 0
+    t0 = time.perf_counter()
+    while eng.has_unfinished():
+        tokens += sum(len(o.token_ids) for o in eng.step())
+        steps += 1
+    t = time.perf_counter() - t0
+    per_seq = tokens / batch
+    return {"batch": batch, "ms_per_step": 1e3 * t / per_seq, "tok_s": tokens / t, "decode_steps": steps}
 
 
 def ttft(eng: LLMEngine, prompt_len: int = 512, repeats: int = 5) -> float:
@@ -74,26 +86,12 @@ def serve(eng: LLMEngine, workload: list[tuple[int, int]]) -> dict:
         eng.add_request(_prompt(rng, plen, eng.spec.vocab),
                         SamplingParams(max_new_tokens=olen, temperature=0, ignore_eos=True))
     produced = 0
-    phases = dict.fromkeys(("schedule", "prepare", "forward_launch", "sample_and_wait", "postprocess"), 0.0)
-    runner = eng.runner
+    wait = _WaitClock(eng)
+    steps = 0
     while eng.has_unfinished():
-        # eng.step(), unrolled to time its phases without adding syncs: the forward is
-        # queued asynchronously and the sampler's .tolist() waits for the GPU.
-        t = [time.perf_counter()]
-        batch = eng.scheduler.schedule()
-        t.append(time.perf_counter())
-        ids, ctx = runner.prepare(batch)
-        t.append(time.perf_counter())
-        logits = runner.forward(ids, ctx)
-        t.append(time.perf_counter())
-        seqs = [b.seq for b in batch if b.samples]
-        tokens, lps = runner.sampler(logits, seqs) if seqs else ([], [])
-        t.append(time.perf_counter())
-        outs = eng.postprocess(batch, tokens, lps)
-        t.append(time.perf_counter())
-        for name, a, b in zip(phases, t, t[1:]):
-            phases[name] += b - a
-        now = t[-1]
+        outs = eng.step()
+        steps += 1
+        now = time.perf_counter()
         for o in outs:
             produced += len(o.token_ids)
             if o.request_id not in first:
@@ -109,7 +107,7 @@ def serve(eng: LLMEngine, workload: list[tuple[int, int]]) -> dict:
             "ttft_ms": {"mean": 1e3 * statistics.mean(ttfts), "p50": 1e3 * _pct(ttfts, 50), "p99": 1e3 * _pct(ttfts, 99)},
             "itl_ms": {"mean": 1e3 * statistics.mean(gaps), "p50": 1e3 * _pct(gaps, 50), "p99": 1e3 * _pct(gaps, 99)},
             "preemptions": eng.scheduler.num_preemptions,
-            "phase_seconds": phases}
+            "steps": steps, "host_wait_s": wait.seconds, "host_busy_s": total - wait.seconds}
 
 
 def _pct(xs: list[float], p: float) -> float:

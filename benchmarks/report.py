@@ -13,7 +13,7 @@ def _row(cells) -> str:
 
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
-            if not p.name.startswith(("quant-", "tp-"))]
+            if not p.name.startswith(("quant-", "tp-", "profile-"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -41,8 +41,10 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"ours {s['output_tok_s']:.0f} output tok/s; TTFT mean/p50/p99 {s['ttft_ms']['mean']:.0f}/"
                   f"{s['ttft_ms']['p50']:.0f}/{s['ttft_ms']['p99']:.0f} ms; inter-token mean/p50/p99 "
                   f"{s['itl_ms']['mean']:.1f}/{s['itl_ms']['p50']:.1f}/{s['itl_ms']['p99']:.1f} ms; "
-                  f"{s['preemptions']} preemptions. Where the time went (s): "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in s.get("phase_seconds", {}).items()) + ".", ""]
+                  f"{s['preemptions']} preemptions. " + _where(s), ""]
+        if r.get("hf_reused_from"):
+            lines.append(f"- HF figures below are from the {r['hf_reused_from']} run on the same device and "
+                         f"workload (HF unchanged; only ours was rerun).")
         for mode, h in r["hf"].items():
             hs = h["serving"]
             note = (f" (extrapolated from {hs['batches_run']} of {hs['batches_total']} batches)"
@@ -68,9 +70,19 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"- bs=1 decode: TP=1 {t['tp1']['bs1_ms_per_step']:.2f} ms/step, TP=2 "
                   f"{t['tp2']['bs1_ms_per_step']:.2f} ms/step: {t['latency_ratio']:.2f}x the TP=1 latency.",
                   f"- greedy outputs identical to TP=1: {t['identical_outputs']} (first 8 tokens agree on "
-                  f"{100 * t['first_token_agreement']:.0f}% of prompts).",
+                  f"{100 * t['first_token_agreement']:.0f}% of prompts)"
+                  + (f"; first-token log-probabilities within {t['max_logprob_diff']:.1e} of TP=1's."
+                     if "max_logprob_diff" in t else "."),
                   f"- all-reduce of one token's hidden state: {t['allreduce_us']:.1f} us; 2 per layer = "
                   f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the TP=2 step.", ""]
+    for p in sorted(Path(results).glob("profile-*.json")):
+        f = json.loads(p.read_text())
+        lines += [f"## Where a bs=1 decode step goes, {f['model']}", "",
+                  f"{f['device']}: engine step {f['engine_step_ms']:.3f} ms; bare replay of its CUDA graph "
+                  f"{f['graph_replay_ms']:.3f} ms; the kernels alone (profiled eagerly) {f['kernel_sum_ms']:.3f} ms; "
+                  f"roofline (weights / copy bandwidth) {f['roofline_ms']:.3f} ms.", "",
+                  _row(["kernels", "count", "us"]), _row(["---"] * 3)]
+        lines += [_row([k, v["count"], v["us"]]) for k, v in f["kernels"].items()] + [""]
     notes = Path(results) / "notes.md"  # hand-written context for runs that did not finish
     if notes.is_file():
         lines += [notes.read_text()]
@@ -100,3 +112,11 @@ def _plot(runs, path: Path) -> None:
 
 if __name__ == "__main__":
     write_report()
+
+
+def _where(s: dict) -> str:
+    """Where the serving time went: host work against waiting on the device."""
+    if "host_wait_s" in s:
+        return (f"{s['steps']} steps in {s['seconds']:.1f} s: the host waited on the GPU {s['host_wait_s']:.1f} s "
+                f"and was busy (scheduling, packing, launching, detokenizing) {s['host_busy_s']:.1f} s.")
+    return "Where the time went (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s.get("phase_seconds", {}).items()) + "."

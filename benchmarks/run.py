@@ -41,7 +41,19 @@ def kv_bytes_per_step(spec, ctx: int) -> int:
     return 2 * spec.num_layers * ctx * spec.num_kv_heads * spec.head_dim * 2
 
 
-def bench_model(name: str, root: Path, bw: float, hf_eager_batches: int, quick: bool) -> dict:
+def reusable_hf(hf_from: Path | None, name: str, device: str, requests: int) -> dict | None:
+    """HF's figures from an earlier run of the same shape, device and workload: HF did
+    not change, so a rerun of ours alone need not spend device time on it again."""
+    if hf_from is None or not (hf_from / f"{name}.json").is_file():
+        return None
+    old = json.loads((hf_from / f"{name}.json").read_text())
+    if old.get("meta", {}).get("device") != device or old["ours"]["serving"]["requests"] != requests:
+        return None
+    return {"hf": old["hf"], "from": old["meta"]["date"]}
+
+
+def bench_model(name: str, root: Path, bw: float, hf_eager_batches: int, quick: bool,
+                reuse: dict | None = None) -> dict:
     path, model = build(name, root)
     res: dict = {"model": name, "arch": SHAPES[name][0], "weight_bytes": weight_bytes(model)}
     eng, startup = ours.make_engine(path)
@@ -59,8 +71,10 @@ def bench_model(name: str, root: Path, bw: float, hf_eager_batches: int, quick: 
     eng.shutdown()
     del eng
     torch.cuda.empty_cache()
-    res["hf"] = {}
-    for mode, static in (("eager", False), ("compiled", True)):
+    res["hf"] = {} if reuse is None else reuse["hf"]
+    if reuse is not None:
+        res["hf_reused_from"] = reuse["from"]
+    for mode, static in (("eager", False), ("compiled", True)) if reuse is None else ():
         res["hf"][mode] = {"decode": [hf.decode(model, b, static) for b in (1, 32)]}
         res["hf"][mode]["serving"] = hf.serve_static_batches(
             model, workload, static, max_batches=hf_eager_batches if not static else (2 if quick else 4))
@@ -77,6 +91,8 @@ def main() -> None:
                     help="static batches of the serving workload run by HF eager (the rest extrapolated)")
     ap.add_argument("--quick", action="store_true", help="200 serving requests instead of 1,000")
     ap.add_argument("--quant-model", default=None, help="also measure quantization modes on this shape")
+    ap.add_argument("--hf-from", type=Path, default=None,
+                    help="take HF's figures from this results folder where device and workload match")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +117,9 @@ def main() -> None:
             (out / f"quant-{args.quant_model}.json").write_text(json.dumps(q, indent=1))
             print(json.dumps(q), flush=True)
         for name in filter(None, args.models.split(",")):
-            res = bench_model(name, Path(tmp), meta["copy_bandwidth_GBs"] * 1e9, args.hf_eager_batches, args.quick)
+            reuse = reusable_hf(args.hf_from, name, meta["device"], 200 if args.quick else 1000)
+            res = bench_model(name, Path(tmp), meta["copy_bandwidth_GBs"] * 1e9, args.hf_eager_batches, args.quick,
+                              reuse)
             res["meta"] = meta
             (out / f"{name}.json").write_text(json.dumps(res, indent=1))
             print(json.dumps(res), flush=True)

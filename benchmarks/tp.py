@@ -72,7 +72,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         prompts = [[(7 * i + 3 * j) % 30000 + 3 for j in range(64)] for i in range(4)]
         greedy = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
-        tokens = {}
+        tokens, top5 = {}, {}
         say("model built")
         for tp in (1, 2):
             eng, startup = ours.make_engine(path, tensor_parallel=tp, enable_cuda_graph=not args.no_cuda_graph)
@@ -80,15 +80,20 @@ def main() -> None:
             ours.decode(eng, 1, new_tokens=16)
             d = ours.decode(eng, 1)
             tokens[tp] = [o.token_ids for o in eng.generate(prompts, greedy)]
+            first = eng.generate(prompts, SamplingParams(max_new_tokens=1, temperature=0, logprobs=5))
+            top5[tp] = [dict(o.logprobs[0].top) for o in first]
             res[f"tp{tp}"] = {"startup_s": startup, "bs1_ms_per_step": d["ms_per_step"], "bs1_tok_s": d["tok_s"],
                               "graphs": eng.runner.graphs is not None}
             say(f"TP={tp} measured: {d['ms_per_step']:.2f} ms/step")
+            _save(args, res)  # so that a hang at shutdown loses nothing
             eng.shutdown()
             del eng
             torch.cuda.empty_cache()
         res["latency_ratio"] = res["tp2"]["bs1_ms_per_step"] / res["tp1"]["bs1_ms_per_step"]
         res["identical_outputs"] = tokens[1] == tokens[2]
         res["first_token_agreement"] = sum(a[:8] == b[:8] for a, b in zip(tokens[1], tokens[2])) / len(prompts)
+        # how far TP=2's first-token log-probabilities are from TP=1's (shared top-5 ids)
+        res["max_logprob_diff"] = max(abs(a[t] - b[t]) for a, b in zip(top5[1], top5[2]) for t in a if t in b)
     from .models import SHAPES
     kw = SHAPES[args.model][1]
     hidden, layers = kw.get("hidden_size"), kw.get("num_hidden_layers")
@@ -96,9 +101,13 @@ def main() -> None:
     res["allreduce_us"] = us
     res["allreduce_per_step_ms"] = 2 * layers * us / 1e3  # attention output and MLP down, per layer
     res["allreduce_fraction"] = res["allreduce_per_step_ms"] / res["tp2"]["bs1_ms_per_step"]
+    _save(args, res)
+    print(json.dumps(res))
+
+
+def _save(args, res: dict) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"tp-{args.model}.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ class EngineConfig:
     tensor_parallel: ranks the model is sliced over (processes on this host, or torchrun's).
     quantize: None or one of QUANT_MODES: ZeroQuant-style weight (and activation) quantization.
     quant_group_size: input channels sharing one scale (falls back per layer to a divisor).
-    enable_cuda_graph: capture decode steps on CUDA.
+    enable_cuda_graph: capture decode and mixed prefill+decode steps on CUDA.
+    async_scheduling: schedule and launch step N+1 before step N's tokens reach the host,
+        so host work (scheduling, input packing, detokenizing) overlaps the GPU's.
     seed: seed for unseeded sampling.
     """
 
@@ -63,6 +65,7 @@ class EngineConfig:
     quantize: str | None = None
     quant_group_size: int = 128
     enable_cuda_graph: bool = True
+    async_scheduling: bool = True
     trust_remote_code: bool = False
     seed: int = 0
     show_progress: bool = True

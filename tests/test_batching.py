@@ -63,9 +63,10 @@ def test_preemption_under_tiny_kv_budget_matches_solo_runs(solo):
     assert eng.stats["kv_blocks_free"] == 16
 
 
-def test_abort_frees_blocks_and_reports_abort(solo):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_abort_frees_blocks_and_reports_abort(solo, overlap):
     path, _, _ = solo
-    eng = make(path)
+    eng = make(path, async_scheduling=overlap)
     total = eng.stats["kv_blocks_total"]
     rid = eng.add_request(PROMPTS[2], SamplingParams(max_new_tokens=50, **GREEDY))
     keep = eng.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5, **GREEDY))
@@ -73,8 +74,59 @@ def test_abort_frees_blocks_and_reports_abort(solo):
     eng.step()
     assert eng.stats["kv_blocks_free"] < total
     out = eng.abort(rid)
-    assert out.finished and out.finish_reason == "abort" and out.generated_tokens == 2
+    # two steps sampled two tokens; with overlap the second is still in flight (and dropped)
+    assert out.finished and out.finish_reason == "abort" and out.generated_tokens == (1 if overlap else 2)
     while eng.has_unfinished():
         eng.step()
     assert eng.stats["kv_blocks_free"] == total
     assert eng.abort(keep) is None  # already finished: nothing to abort
+
+
+def _mixed_params(texts: dict[int, str]) -> list[SamplingParams]:
+    """Greedy with length limits, stop strings that hit mid-generation, seeded sampling
+    with logprobs, a minimum length and EOS allowed: every way a request can end."""
+    out = []
+    for i in range(len(PROMPTS)):
+        kind = i % 4
+        if kind == 0:
+            out.append(SamplingParams(max_new_tokens=6 + i, **GREEDY))
+        elif kind == 1:  # a stop string taken from the middle of its own greedy text
+            t = texts[i]
+            out.append(SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True,
+                                      stop=[t[len(t) // 2:len(t) // 2 + 3]]))
+        elif kind == 2:
+            out.append(SamplingParams(max_new_tokens=12, temperature=0.9, top_k=50, seed=i, logprobs=2))
+        else:
+            out.append(SamplingParams(max_new_tokens=10, min_new_tokens=4, temperature=0.7, seed=100 + i))
+    return out
+
+
+def test_overlapped_steps_match_synchronous_steps(solo):
+    """Async scheduling (step N+1 launched before step N is collected, its input tokens
+    taken on the device) changes nothing a request sees, under preemption too, and the
+    length limit costs no extra forward tokens."""
+    path, _, _ = solo
+    ref_eng = make(path)
+    texts = {i: ref_eng.generate([p], SamplingParams(max_new_tokens=30, **GREEDY))[0].generated_text
+             for i, p in enumerate(PROMPTS)}
+    params = _mixed_params(texts)
+    results, fed = {}, {}
+    for overlap in (False, True):
+        eng = make(path, async_scheduling=overlap, block_size=4, num_kv_blocks=24, max_num_batched_tokens=32)
+        launch = eng.runner.launch
+        fed[overlap] = 0
+
+        def counting(batch, launch=launch, overlap=overlap):
+            fed[overlap] += sum(b.num_tokens for b in batch)
+            return launch(batch)
+        eng.runner.launch = counting
+        results[overlap] = [(c.token_ids, c.generated_text, c.finish_reason,
+                             [(lp.token_id, round(lp.logprob, 4)) for lp in c.logprobs])
+                            for c in eng.generate(PROMPTS, params)]
+        assert eng.scheduler.num_preemptions > 0, "the KV budget was meant to force preemption"
+        assert eng.stats["kv_blocks_free"] == eng.stats["kv_blocks_total"]
+    assert results[True] == results[False]
+    assert any(r[2] == "stop" for r in results[True]), "some stop string should have hit"
+    # only sequences ending early (stop strings) may cost one extra token each
+    stops = sum(r[2] == "stop" for r in results[True])
+    assert fed[False] <= fed[True] <= fed[False] + stops * 2 + eng.scheduler.num_preemptions * 64

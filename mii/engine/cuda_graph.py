@@ -1,9 +1,20 @@
-"""CUDA graphs for decode steps.
+"""CUDA graphs for every step: pure decodes and mixed prefill+decode batches.
 
-A decode step launches hundreds of small kernels; replaying a captured graph costs one
-launch. We capture the model's forward for a ladder of batch sizes over fixed-shape
-input buffers, then serve a decode batch of B sequences by copying its inputs into the
-smallest bucket >= B (padding rows write no KV: slot -1) and replaying that graph.
+A step launches hundreds of small kernels; replaying a captured graph costs one launch.
+Every kernel here takes its grid from tensor shapes alone (never from a value on the
+device), so one capture serves any batch of the same padded shape:
+
+- decode graphs, one per batch size bucket B (T = B tokens, one per sequence), cover
+  the whole forward pass, logits included;
+- mixed graphs, one per token bucket T, take up to ``max_seqs`` sequences with any
+  split of the T tokens (prefill chunks and decodes side by side). Padding sequences
+  bring no query (``cu_seqlens`` repeats), so the attention kernels skip them; padding
+  tokens write no KV (slot -1) and belong to no sequence. They capture the blocks only:
+  the final norm and LM head run eagerly on the rows that sample, so a 2,048-token
+  prefill does not pay for 256 rows of logits.
+
+Inputs are copied into fixed buffers and the graph for the smallest fitting bucket is
+replayed. All graphs share one memory pool, the largest captured first.
 """
 from __future__ import annotations
 
@@ -23,54 +34,95 @@ def buckets(max_batch: int) -> list[int]:
     return [b for b in ladder if b < max_batch] + [max_batch]
 
 
-class DecodeGraphs:
-    def __init__(self, model: DecoderModel, ops: Ops, max_batch: int, max_blocks: int, device: torch.device):
+def token_buckets(max_tokens: int, max_seqs: int) -> list[int]:
+    """16, 32, 48, 64, 96, 128, ... (steps of 1.5x and 2x) up to max_tokens, which is
+    always a bucket. T == max_seqs is left out: with as many tokens as sequences the
+    attention op would read the step as decode-only."""
+    ladder, t = [], 16
+    while t < max_tokens:
+        ladder += [t, t * 3 // 2] if t >= 32 else [t]
+        t *= 2
+    return [x for x in ladder if x < max_tokens and x != max_seqs] + [max_tokens + (max_tokens == max_seqs)]
+
+
+class StepGraphs:
+    def __init__(self, model: DecoderModel, ops: Ops, max_seqs: int, max_tokens: int, max_blocks: int,
+                 device: torch.device, mixed: bool = True):
         self.model, self.ops, self.device = model, ops, device
-        self.sizes = buckets(max_batch)
-        n = self.sizes[-1]
+        self.sizes = buckets(max_seqs)
+        self.token_sizes = token_buckets(max_tokens, max_seqs) if mixed else []
+        self.max_seqs = max_seqs
+        n = max([max_seqs] + self.token_sizes)
         z = dict(device=device)
         self.input_ids = torch.zeros(n, dtype=torch.long, **z)
         self.positions = torch.zeros(n, dtype=torch.long, **z)
         self.slots = torch.full((n,), -1, dtype=torch.long, **z)
-        self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, **z)
-        self.cu = torch.arange(n + 1, dtype=torch.int32, **z)
-        self.ctx_lens = torch.ones(n, dtype=torch.int32, **z)
-        self.rows = torch.arange(n, dtype=torch.long, **z)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.tables = torch.zeros(max_seqs, max_blocks, dtype=torch.int32, **z)
+        self.cu_decode = torch.arange(max_seqs + 1, dtype=torch.int32, **z)  # never rewritten
+        self.cu = torch.zeros(max_seqs + 1, dtype=torch.int32, **z)
+        self.ctx_lens = torch.ones(max_seqs, dtype=torch.int32, **z)
+        self.rows = torch.arange(max_seqs, dtype=torch.long, **z)
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[str, int], object] = {}
         self.pool = None
         self._capture()
 
-    def _ctx(self, b: int) -> BatchContext:
-        return BatchContext(self.positions[:b], self.slots[:b], self.tables[:b], self.cu[:b + 1],
+    def _decode_ctx(self, b: int) -> BatchContext:
+        return BatchContext(self.positions[:b], self.slots[:b], self.tables[:b], self.cu_decode[:b + 1],
                             self.ctx_lens[:b], self.rows[:b])
+
+    def _mixed_ctx(self, t: int) -> BatchContext:
+        return BatchContext(self.positions[:t], self.slots[:t], self.tables, self.cu, self.ctx_lens, self.rows)
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
-            ctx = self._ctx(b)
-            self.model(self.input_ids[:b], ctx, self.ops)  # warm-up: compile/autotune outside capture
+        work = [("mixed", t) for t in self.token_sizes] + [("decode", b) for b in self.sizes]
+        work.sort(key=lambda kw: -kw[1])  # largest first, so smaller graphs reuse its pool
+        width = self.tables.shape[1] * self.model.layers[0].attn.k_cache.shape[1]
+        for kind, n in work:
+            if kind == "decode":
+                ctx = self._decode_ctx(n)
+                fn = lambda ctx=ctx, n=n: self.model(self.input_ids[:n], ctx, self.ops)  # noqa: E731
+            else:  # capture with one sequence holding all tokens; replays rewrite all of it
+                self.cu.fill_(n)
+                self.cu[0] = 0
+                self.ctx_lens.fill_(1)
+                self.ctx_lens[0] = min(n, width)
+                ctx = self._mixed_ctx(n)
+                fn = lambda ctx=ctx, n=n: self.model.hidden(self.input_ids[:n], ctx, self.ops)  # noqa: E731
+            fn()  # warm-up: compile/autotune outside capture
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                self.outputs[b] = self.model(self.input_ids[:b], ctx, self.ops)
+                self.outputs[kind, n] = fn()
             self.pool = g.pool()
-            self.graphs[b] = g
+            self.graphs[kind, n] = g
+        self.ctx_lens.fill_(1)
         torch.cuda.synchronize()
 
-    def fits(self, batch_size: int, width: int) -> bool:
-        return batch_size <= self.sizes[-1] and width <= self.tables.shape[1]
+    def key(self, T: int, B: int, S: int, width: int) -> tuple[str, int] | None:
+        """The graph for a step of T tokens over B sequences, S of which sample, or None."""
+        if B > self.max_seqs or width > self.tables.shape[1]:
+            return None
+        if T == B == S:
+            return "decode", next(s for s in self.sizes if s >= B)
+        return next((("mixed", t) for t in self.token_sizes if t >= T), None)
 
-    def run(self, input_ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
-        """Logits for a decode-only batch (one token per sequence)."""
-        B = input_ids.shape[0]
-        b = next(s for s in self.sizes if s >= B)
-        self.input_ids[:B].copy_(input_ids)
-        self.positions[:B].copy_(ctx.positions)
-        self.slots[:B].copy_(ctx.slot_mapping)
-        self.slots[B:b].fill_(-1)
-        w = ctx.block_tables.shape[1]
+    def run(self, key: tuple[str, int], input_ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """Logits for the step's sampling rows."""
+        kind, n = key
+        T, (B, w) = input_ids.shape[0], ctx.block_tables.shape
+        self.input_ids[:T].copy_(input_ids)
+        self.positions[:T].copy_(ctx.positions)
+        self.slots[:T].copy_(ctx.slot_mapping)
+        self.slots[T:n].fill_(-1)
         self.tables[:B, :w].copy_(ctx.block_tables)
         self.ctx_lens[:B].copy_(ctx.context_lens)
-        self.ctx_lens[B:b].fill_(1)
-        self.graphs[b].replay()
-        return self.outputs[b][:B]
+        if kind == "decode":
+            self.ctx_lens[B:n].fill_(1)
+            self.graphs[key].replay()
+            return self.outputs[key][:B]
+        self.cu[:B + 1].copy_(ctx.cu_seqlens_q)
+        self.cu[B + 1:].fill_(T)  # padding sequences: empty
+        self.graphs[key].replay()
+        x, residual = self.outputs[key]
+        return self.model.head(x[:T], residual[:T], ctx.logits_indices, self.ops)

@@ -1,4 +1,12 @@
-"""The engine: add requests, step, abort. One step is schedule, run, postprocess."""
+"""The engine: add requests, step, abort. One step is schedule, launch, collect.
+
+With ``async_scheduling`` (the default) a step launches the next batch before it
+collects the previous one, so the host schedules, packs inputs and detokenizes while
+the device computes, as in vLLM's async scheduling and SGLang's overlap scheduler. A
+decode's input token then comes straight from the previous step's device tensor. The
+cost: a sequence that stops (EOS, stop string) has already been scheduled once more,
+and that token is dropped; the length limit is known ahead and wastes nothing.
+"""
 from __future__ import annotations
 
 import itertools
@@ -61,6 +69,8 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.detok: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
+        self._inflight: tuple[object, list[Sequence]] | None = None  # launched, not yet collected
+        self._sync_only: set[str] = set()  # requests whose sampling reads all tokens on the host
 
     # -- requests -------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -87,6 +97,8 @@ class LLMEngine:
             seq.generator = self.runner.sampler.new_generator(params.seed)
         self.seqs[rid] = seq
         self.detok[rid] = Detokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+        if params.repetition_penalty != 1.0:  # the penalty needs every earlier token on the host
+            self._sync_only.add(rid)
         self.scheduler.add(seq)
         return rid
 
@@ -99,28 +111,60 @@ class LLMEngine:
         return self._emit(seq, [], [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # -- the loop -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Launch the next step and return the outputs of the one before it (or, when
+        steps run synchronously, of this one)."""
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and (self._sync_only or not self.config.async_scheduling):
+            outputs += self._collect(*self._inflight)
+            self._inflight = None
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        tokens, logprobs = self.runner.run(batch)
-        return self.postprocess(batch, tokens, logprobs)
+        previous, self._inflight = self._inflight, None
+        if batch:
+            launched = self.runner.launch(batch)
+            self._inflight = (launched, self._advance(batch))
+        if previous is not None:
+            outputs += self._collect(*previous)
+        if self._inflight is not None and not self.config.async_scheduling:
+            outputs += self._collect(*self._inflight)
+            self._inflight = None
+        return outputs
 
     def postprocess(self, batch: list[ScheduledSeq], tokens: list[int],
                     logprobs: list[TokenLogprob | None]) -> list[RequestOutput]:
-        outputs = []
-        sampled = iter(zip(tokens, logprobs))
-        now = time.monotonic()
+        """Apply one synchronously run step's tokens (from ``runner.run(batch)``)."""
+        return self._apply(self._advance(batch), tokens, logprobs)
+
+    def _advance(self, batch: list[ScheduledSeq]) -> list[Sequence]:
+        """Move each sequence past this step's tokens; the sampling ones get a token in
+        flight. Returns those, in the order of the step's samples."""
+        sampling = []
         for item in batch:
             seq = item.seq
             samples = item.samples
             seq.num_computed += item.num_tokens
-            if not samples:
+            if samples:
+                seq.num_pending += 1
+                sampling.append(seq)
+                if seq.num_tokens - seq.num_prompt >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+                    seq.capped = True
+        return sampling
+
+    def _collect(self, launched, seqs: list[Sequence]) -> list[RequestOutput]:
+        tokens, logprobs = self.runner.collect(launched)
+        return self._apply(seqs, tokens, logprobs)
+
+    def _apply(self, seqs: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]
+               ) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for seq, token, lp in zip(seqs, tokens, logprobs):
+            seq.num_pending -= 1
+            if seq.finished:  # stopped or aborted while this token was in flight
                 continue
-            token, lp = next(sampled)
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -132,12 +176,12 @@ class LLMEngine:
 
     def _check_finish(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if self.detok[seq.request_id].add(seq.token_ids):
+        if self.detok[seq.request_id].add(token):
             return "stop"
         if seq.num_generated >= p.min_new_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
                 return "stop"
-        if seq.num_generated >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
             return "length"
         return None
 
@@ -146,6 +190,7 @@ class LLMEngine:
         text = d.take(seq.finished)
         if seq.finished:
             del self.seqs[seq.request_id], self.detok[seq.request_id]
+            self._sync_only.discard(seq.request_id)
         return RequestOutput(seq.request_id, text, new_ids, lps, seq.finished, seq.finish_reason,
                              seq.num_prompt, seq.num_generated, d.text if seq.finished else d.text[:d.emitted])
 

@@ -12,8 +12,9 @@ from mii.model.loader import load_model
 from mii.model.ops import ops_for
 from mii.model.quant import check_quant_args, quantize_model, saved_quantization
 from mii.policies.base import ModelSpec
-from .cuda_graph import DecodeGraphs
-from .sampler import Sampler
+from .cuda_graph import StepGraphs
+from .inputs import StepInputs
+from .sampler import Sampled, Sampler
 from .scheduler import ScheduledSeq
 from .sequence import TokenLogprob
 
@@ -33,6 +34,10 @@ class ModelRunner:
         self._allocate_kv()
         self.sampler = Sampler(spec.vocab, eos_token_ids, device, config.seed)
         self.graphs = self._capture_graphs()
+        # The last launched step's sampled tokens, still on the device, and each sampling
+        # sequence's row in them: the next step may take its input ids from there.
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict = {}
 
     def _load(self, path: str) -> DecoderModel:
         """Load this rank's shard, then quantize it on the fly if asked: after slicing, so each
@@ -74,15 +79,15 @@ class ModelRunner:
         logits = c.max_num_seqs * s.vocab * 4 * 4  # fp32 logits plus the sampler's copies
         return act + logits + (512 << 20)
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
-        """Decode CUDA graphs, when asked for and the ops can be captured (the Triton ones;
-        the references sync with the host)."""
+    def _capture_graphs(self) -> StepGraphs | None:
+        """CUDA graphs for decode and mixed steps, when asked for and the ops can be
+        captured (the Triton ones; the references sync with the host)."""
         if not (self.config.enable_cuda_graph and self.device.type == "cuda" and self.ops.backend == "triton"):
             return None
         max_len = min(self.config.max_model_len or self.spec.max_positions, self.num_blocks * self.block_size)
         try:
-            return DecodeGraphs(self.model, self.ops, self.config.max_num_seqs, -(-max_len // self.block_size),
-                                self.device)
+            return StepGraphs(self.model, self.ops, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                              -(-max_len // self.block_size), self.device)
         except RuntimeError as e:  # e.g. an op that cannot be captured: run eagerly, loudly
             log.warning("CUDA graph capture failed, decoding eagerly: %s", e)
             return None
@@ -96,41 +101,12 @@ class ModelRunner:
         for i, layer in enumerate(self.model.layers):
             layer.attn.k_cache, layer.attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
 
+    def pack(self, batch: list[ScheduledSeq]) -> StepInputs:
+        return StepInputs.pack(batch, self.block_size, self._last_rows, pin=self.device.type == "cuda")
+
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, BatchContext]:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu = [0]
-        ctx_lens: list[int] = []
-        logits_idx: list[int] = []
-        bs = self.block_size
-        for item in batch:
-            seq, start = item.seq, item.seq.num_computed
-            end = start + item.num_tokens
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            cu.append(cu[-1] + item.num_tokens)
-            ctx_lens.append(end)
-            if item.samples:
-                logits_idx.append(cu[-1] - 1)
-        width = max(len(item.seq.block_table) for item in batch)
-        tables: list[int] = []
-        for item in batch:
-            tables += item.seq.block_table + [0] * (width - len(item.seq.block_table))
-        # Two host-to-device copies per step (one per dtype), from pinned memory so they
-        # run asynchronously, instead of one small copy per field.
-        T, B, S = len(ids), len(batch), len(logits_idx)
-        pin = self.device.type == "cuda"
-        longs = torch.tensor(ids + positions + slots + logits_idx, dtype=torch.long, pin_memory=pin)
-        ints = torch.tensor(tables + cu + ctx_lens, dtype=torch.int32, pin_memory=pin)
-        longs = longs.to(self.device, non_blocking=True)
-        ints = ints.to(self.device, non_blocking=True)
-        ids_t, pos_t, slots_t, logits_t = longs.split([T, T, T, S])
-        tables_t, cu_t, ctx_t = ints.split([B * width, B + 1, B])
-        return ids_t, BatchContext(positions=pos_t, slot_mapping=slots_t, block_tables=tables_t.view(B, width),
-                                   cu_seqlens_q=cu_t, context_lens=ctx_t, logits_indices=logits_t)
+        """The step's inputs on the device; ids still in flight come from the last step."""
+        return self.pack(batch).to_device(self.device, self._last_tokens)
 
     @torch.inference_mode()
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
@@ -138,21 +114,36 @@ class ModelRunner:
         return self.forward(*self.prepare(batch))
 
     def forward(self, input_ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
-        """A pure decode step (one token and one sample per sequence) replays a CUDA graph."""
-        B = ctx.context_lens.numel()
-        if (self.graphs is not None and input_ids.numel() == B == ctx.logits_indices.numel()
-                and self.graphs.fits(B, ctx.block_tables.shape[1])):
-            return self.graphs.run(input_ids, ctx)
+        """Replays a CUDA graph where one fits the step's shape (a choice made from shapes
+        alone, so every tensor-parallel rank makes the same one), else runs eagerly."""
+        if self.graphs is not None:
+            (B, W), S = ctx.block_tables.shape, ctx.logits_indices.numel()
+            key = self.graphs.key(input_ids.numel(), B, S, W)
+            if key is not None:
+                return self.graphs.run(key, input_ids, ctx)
         return self.model(input_ids, ctx, self.ops)
 
     def shutdown(self) -> None:
         """Nothing to stop for a single rank (the TP runner stops its peers)."""
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One forward step; returns a token (and logprob) per sampling sequence, in order."""
-        logits = self.logits(batch)
+    def launch(self, batch: list[ScheduledSeq]) -> Sampled | None:
+        """Queue one step (forward and sampling) on the device without waiting for it.
+        Call before the sequences' progress is advanced for this step."""
         sampling = [item.seq for item in batch if item.samples]
+        logits = self.logits(batch)
         if not sampling:
-            return [], []
-        return self.sampler(logits, sampling)
+            self._last_tokens, self._last_rows = None, {}
+            return None
+        sampled = self.sampler.sample(logits, sampling)
+        self._last_tokens, self._last_rows = sampled.tokens, {seq: i for i, seq in enumerate(sampling)}
+        return sampled
+
+    @staticmethod
+    def collect(sampled: Sampled | None) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait for a launched step: a token (and logprob) per sampling sequence, in order."""
+        return sampled.host() if sampled is not None else ([], [])
+
+    def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One synchronous step."""
+        return self.collect(self.launch(batch))

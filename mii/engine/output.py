@@ -42,34 +42,52 @@ class Completion:
 class Detokenizer:
     """Turns one sequence's tokens into text a piece at a time.
 
-    It decodes a short window of tokens before the new ones (as TGI and vLLM do), so
-    that byte-level and sentencepiece pieces join with the right spacing, and waits
-    while the tail is an incomplete UTF-8 character. Text that could still become a
-    stop string is held back, so a stop string never reaches a stream.
+    Fast tokenizers use ``tokenizers``' own ``DecodeStream`` (one Rust call per token).
+    Others decode a short window of tokens before the new ones (as TGI and vLLM do).
+    Either way the first token is decoded after the prompt's tail, so that byte-level
+    and sentencepiece pieces join with the right spacing, and nothing is emitted while
+    the tail is an incomplete UTF-8 character. Text that could still become a stop
+    string is held back, so a stop string never reaches a stream.
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool):
         self.tok = tokenizer
         self.skip = skip_special_tokens
-        self.prefix_offset = max(len(prompt_ids) - 5, 0)
-        self.read_offset = len(prompt_ids)
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""      # all generated text, stop string trimmed
         self.emitted = 0    # chars of self.text already handed out
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self.backend is not None:
+            from tokenizers.decoders import DecodeStream
+            self.stream = DecodeStream(ids=prompt_ids[-6:], skip_special_tokens=skip_special_tokens)
+        else:
+            self.ids = list(prompt_ids)
+            self.prefix_offset = max(len(prompt_ids) - 5, 0)
+            self.read_offset = len(prompt_ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
 
-    def add(self, all_ids: list[int]) -> bool:
-        """Take the sequence's full token list after a new token; True if a stop string hit."""
-        prefix = self._decode(all_ids[self.prefix_offset:self.read_offset])
-        full = self._decode(all_ids[self.prefix_offset:])
+    def _piece(self, token: int) -> str:
+        """The text this token completes ("" while a character is still partial)."""
+        if self.backend is not None:
+            return self.stream.step(self.backend, token) or ""
+        self.ids.append(token)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
+
+    def add(self, token: int) -> bool:
+        """Take the next generated token; True if a stop string hit."""
+        piece = self._piece(token)
+        if not piece:
             return False
         start = max(0, len(self.text) - self.holdback)
-        self.text += full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(all_ids)
+        self.text += piece
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]

@@ -26,10 +26,15 @@ class Sampler:
         return g
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits: [S, V] float32, one row per sequence that samples this step."""
+        """Sample and wait for the tokens: :meth:`sample` then :meth:`Sampled.host`."""
+        return self.sample(logits, seqs).host()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> "Sampled":
+        """logits: [S, V] float32, one row per sequence that samples this step. Nothing
+        here waits for the device: the tokens come back through :class:`Sampled`."""
         params = [s.params for s in seqs]
         raw = logits
-        if any(p.repetition_penalty != 1.0 or s.num_generated < p.min_new_tokens for s, p in zip(seqs, params)):
+        if any(p.repetition_penalty != 1.0 or _generated(s) < p.min_new_tokens for s, p in zip(seqs, params)):
             logits = self._penalize(logits.clone(), seqs, params)  # raw stays intact for logprobs
         if all(p.greedy for p in params):
             tokens = logits.argmax(-1)
@@ -39,11 +44,12 @@ class Sampler:
             for i, s in enumerate(seqs):
                 if s.generator is not None and not params[i].greedy:
                     noise[i].exponential_(generator=s.generator)
-            tokens = self.sample_fn(
-                logits, torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32),
-                torch.tensor([p.top_k for p in params], device=dev),
-                torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32), noise)
-        return tokens.tolist(), self._logprobs(raw, tokens, params)
+            # one host-to-device copy for the three per-row parameters
+            knobs = torch.tensor([[p.temperature for p in params], [p.top_k for p in params],
+                                  [p.top_p for p in params]], dtype=torch.float32)
+            knobs = knobs.to(dev, non_blocking=True)  # rows stay contiguous for the kernel
+            tokens = self.sample_fn(logits, knobs[0], knobs[1].long(), knobs[2], noise)
+        return Sampled(tokens, *self._logprobs(raw, tokens, params))
 
     def _penalize(self, logits: torch.Tensor, seqs: list[Sequence], params: list[SamplingParams]) -> torch.Tensor:
         for i, (s, p) in enumerate(zip(seqs, params)):
@@ -51,7 +57,7 @@ class Sampler:
                 seen = torch.tensor(sorted(set(s.token_ids)), device=logits.device, dtype=torch.long)
                 row = logits[i, seen]
                 logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-            if s.num_generated < p.min_new_tokens:  # no end before the minimum
+            if _generated(s) < p.min_new_tokens:  # no end before the minimum
                 ends = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos)
                 ends = [t for t in ends if t < logits.shape[1]]
                 if ends:
@@ -59,20 +65,59 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> list[TokenLogprob | None]:
-        """Log-probabilities under the model's own distribution (before any processing)."""
+    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]):
+        """Log-probabilities under the model's own distribution (before any processing):
+        (chosen [S], top values [S, k], top ids [S, k], per-row k), on the device."""
         want = [p.logprobs for p in params]
         if all(w is None for w in want):
-            return [None] * len(params)
+            return None, None, None, want
         lp = raw.log_softmax(-1)
-        chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
+        chosen = lp.gather(-1, tokens[:, None])[:, 0]
         k = max(w or 0 for w in want)
         top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+        return chosen, top_v, top_i, want
+
+
+def _generated(seq: Sequence) -> int:
+    """Tokens generated before this sample, those still in flight included."""
+    return seq.num_tokens - seq.num_prompt
+
+
+class Sampled:
+    """One step's sampled tokens (and logprobs), copied to pinned host memory without
+    blocking; :meth:`host` waits for the copy. The device tensor ``tokens`` feeds the
+    next step's inputs when it is launched before this one is collected."""
+
+    def __init__(self, tokens: torch.Tensor, chosen, top_v, top_i, want: list[int | None]):
+        self.tokens, self.want = tokens, want
+        parts = [tokens] + [t for t in (chosen, top_v, top_i) if t is not None]
+        self._parts = [_to_host(t) for t in parts]
+        self._event = None
+        if tokens.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def host(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        if self._event is not None:
+            self._event.synchronize()
+        tokens = self._parts[0].tolist()
+        if len(self._parts) == 1:
+            return tokens, [None] * len(tokens)
+        chosen = self._parts[1].tolist()
+        top_v, top_i = (self._parts[2].tolist(), self._parts[3].tolist()) if len(self._parts) == 4 else ([], [])
         out: list[TokenLogprob | None] = []
-        for i, w in enumerate(want):
+        for i, w in enumerate(self.want):
             if w is None:
                 out.append(None)
                 continue
-            top = list(zip(top_i[i, :w].tolist(), top_v[i, :w].tolist())) if w else []
-            out.append(TokenLogprob(int(tokens[i]), chosen[i], top))
-        return out
+            top = list(zip(top_i[i][:w], top_v[i][:w])) if w else []
+            out.append(TokenLogprob(tokens[i], chosen[i], top))
+        return tokens, out
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    buf.copy_(t, non_blocking=True)
+    return buf

@@ -51,6 +51,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.capped:  # its final token is in flight; it finishes when that lands
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self.blocks.can_grow(seq, seq.num_computed + n):
                 victim = self.running.pop()
@@ -65,6 +68,8 @@ class Scheduler:
                 i += 1
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token in flight: its ids are not all known yet
+                break
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_grow(seq, seq.num_computed + n):
                 break

@@ -27,7 +27,11 @@ class TokenLogprob:
 class Sequence:
     """One request. ``num_computed`` counts tokens whose K/V sit in the cache; the
     scheduler feeds ``token_ids[num_computed:]`` in chunks until it catches up, and only
-    then is a new token sampled. Preemption resets ``num_computed`` to 0 (recompute)."""
+    then is a new token sampled. Preemption resets ``num_computed`` to 0 (recompute).
+
+    With asynchronous scheduling a step is launched before the previous step's tokens
+    reach the host: ``num_pending`` counts tokens sampled on the device but not yet in
+    ``token_ids``. Scheduling counts them (``num_tokens``); outputs do not."""
 
     request_id: str
     token_ids: list[int]
@@ -41,13 +45,17 @@ class Sequence:
     generator: torch.Generator | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
+    num_pending: int = 0
+    capped: bool = False  # its last token is in flight: the length limit is reached
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Known tokens plus those in flight: what the KV cache and the scheduler see."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_generated(self) -> int:
+        """Generated tokens on the host."""
         return len(self.token_ids) - self.num_prompt
 
     @property

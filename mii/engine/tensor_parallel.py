@@ -1,9 +1,12 @@
 """Tensor parallelism: one process per rank, torch.distributed between them.
 
-Rank 0 is the engine's own process: it schedules, prepares each step's batch and
-broadcasts it as one packed int64 tensor; every rank then runs the same forward pass
-on its slice of the weights (the layers' weight_loaders took only their slices) and
-its heads of the KV cache. Only rank 0 samples. NCCL on CUDA, gloo on CPU.
+Rank 0 is the engine's own process: it schedules, packs each step's inputs and sends
+them host to host over a gloo group, so the other ranks never wait on their GPU to
+learn the next step and can queue it while the last one runs. Input ids that rank 0
+feeds from its own last sampled tokens (async scheduling) follow on the device group.
+Every rank then runs the same forward pass on its slice of the weights (the layers'
+weight_loaders took only their slices) and its heads of the KV cache. Only rank 0
+samples. NCCL on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from mii.config import EngineConfig
-from mii.model.decoder import BatchContext
 from mii.model.parallel import TP, set_tensor_parallel
 from mii.policies.base import ModelSpec
+from .inputs import StepInputs
 from .model_runner import ModelRunner
 from .scheduler import ScheduledSeq
 
@@ -71,7 +74,12 @@ def _init_group(rank: int, world: int, init_method: str, device: torch.device) -
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=_TIMEOUT)
-    set_tensor_parallel(rank, world, dist.group.WORLD)
+    _set_groups(rank, world)
+
+
+def _set_groups(rank: int, world: int) -> None:
+    cpu = dist.new_group(backend="gloo", timeout=_TIMEOUT) if dist.get_backend() != "gloo" else dist.group.WORLD
+    set_tensor_parallel(rank, world, dist.group.WORLD, cpu)
 
 
 class RankFailure(RuntimeError):
@@ -89,23 +97,35 @@ class TPModelRunner(ModelRunner):
         return int(n.item())
 
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        input_ids, ctx = self.prepare(batch)
+        inputs = self.pack(batch)
         self._check_peers()
         try:
-            _broadcast(self.device, input_ids, ctx)
+            dist.broadcast(inputs.header(), src=0, group=TP.cpu_group)
+            dist.broadcast(inputs.payload(), src=0, group=TP.cpu_group)
+            input_ids, ctx = inputs.to_device(self.device, self._last_tokens)
+            if inputs.num_fed:
+                dist.broadcast(input_ids, src=0, group=TP.group)
             return self.forward(input_ids, ctx)
         except RuntimeError as e:  # a collective broke: say which rank, if one died
             self._check_peers()
             raise RankFailure(f"tensor-parallel step failed: {e}") from e
 
     def serve_forever(self) -> None:
-        """Non-zero ranks: run whatever batches rank 0 broadcasts, until told to stop."""
+        """Non-zero ranks: run whatever steps rank 0 sends, until told to stop."""
         with torch.inference_mode():
             while True:
-                got = _receive(self.device)
-                if got is None:
+                header = torch.empty(5, dtype=torch.long)
+                dist.broadcast(header, src=0, group=TP.cpu_group)
+                sizes = header.tolist()
+                if sizes[0] == _STOP:
                     return
-                self.forward(*got)  # the same graph-or-eager choice as rank 0
+                payload = torch.empty(StepInputs.payload_size(sizes), dtype=torch.long)
+                dist.broadcast(payload, src=0, group=TP.cpu_group)
+                inputs = StepInputs.from_wire(sizes, payload)
+                input_ids, ctx = inputs.to_device(self.device, None)
+                if inputs.num_fed:  # ids rank 0 took from its last sampled tokens
+                    dist.broadcast(input_ids, src=0, group=TP.group)
+                self.forward(input_ids, ctx)  # the same graph-or-eager choice as rank 0
 
     def _check_peers(self) -> None:
         for rank, proc in enumerate(getattr(self, "procs", []), start=1):
@@ -117,7 +137,7 @@ class TPModelRunner(ModelRunner):
         procs = getattr(self, "procs", [])
         if TP.rank == 0 and dist.is_initialized() and all(p.is_alive() for p in procs):
             try:
-                dist.broadcast(torch.tensor([_STOP, 0, 0, 0], device=self.device), src=0)
+                dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0]), src=0, group=TP.cpu_group)
             except Exception:  # a peer already gone: fall through to terminate
                 pass
         for p in procs:
@@ -137,27 +157,6 @@ def _leave_group(runner: ModelRunner) -> None:
         torch.cuda.synchronize(runner.device)
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _broadcast(device: torch.device, input_ids: torch.Tensor, ctx: BatchContext) -> None:
-    T, (B, W) = input_ids.numel(), ctx.block_tables.shape
-    S = ctx.logits_indices.numel()
-    dist.broadcast(torch.tensor([T, B, W, S], device=device), src=0)
-    packed = torch.cat([input_ids, ctx.positions, ctx.slot_mapping, ctx.block_tables.flatten().long(),
-                        ctx.cu_seqlens_q.long(), ctx.context_lens.long(), ctx.logits_indices])
-    dist.broadcast(packed, src=0)
-
-
-def _receive(device: torch.device) -> tuple[torch.Tensor, BatchContext] | None:
-    header = torch.empty(4, dtype=torch.long, device=device)
-    dist.broadcast(header, src=0)
-    T, B, W, S = header.tolist()
-    if T == _STOP:
-        return None
-    packed = torch.empty(3 * T + B * W + (B + 1) + B + S, dtype=torch.long, device=device)
-    dist.broadcast(packed, src=0)
-    ids, pos, slots, tables, cu, ctx_lens, logits_idx = packed.split([T, T, T, B * W, B + 1, B, S])
-    return ids, BatchContext(pos, slots, tables.view(B, W).int(), cu.int(), ctx_lens.int(), logits_idx)
 
 
 def _worker(rank: int, config: EngineConfig, spec: ModelSpec, path: str, dtype: torch.dtype,
@@ -181,7 +180,7 @@ def join_launched(config: EngineConfig, spec: ModelSpec, path: str, dtype: torch
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method="env://", timeout=_TIMEOUT)
-    set_tensor_parallel(env["RANK"], env["WORLD_SIZE"], dist.group.WORLD)
+    _set_groups(env["RANK"], env["WORLD_SIZE"])
     runner = TPModelRunner(config, spec, path, device, dtype, eos_token_ids)
     if env["RANK"] != 0:
         runner.serve_forever()

@@ -129,16 +129,29 @@ class DecoderModel(nn.Module):
             h = self.layers[0].attn.heads
             self.alibi = alibi_slopes(spec.num_heads)[TP.rank * h:(TP.rank + 1) * h].to(device)
 
-    def forward(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops) -> torch.Tensor:
-        """Logits for the rows ``ctx.logits_indices`` ([S, vocab], float32)."""
+    def embed_input(self, input_ids: torch.Tensor, positions: torch.Tensor, ops: Ops) -> torch.Tensor:
+        """The first block's input: token (plus learned position) embeddings, normed for BLOOM."""
         x = self.embed.embed(input_ids)
         if self.pos_embed is not None:
-            x = x + self.pos_embed.weight[ctx.positions + self.spec.policy.learned_pos_offset]
+            x = x + self.pos_embed.weight[positions + self.spec.policy.learned_pos_offset]
         if self.embed_norm is not None:
             x, _ = ops.add_norm(x, None, self.embed_norm.weight, self.embed_norm.bias, self.spec.eps, False)
-        residual = None
+        return x
+
+    def forward(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops) -> torch.Tensor:
+        """Logits for the rows ``ctx.logits_indices`` ([S, vocab], float32)."""
+        x, residual = self.hidden(input_ids, ctx, ops)
+        return self.head(x, residual, ctx.logits_indices, ops)
+
+    def hidden(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's (out, residual) for every token; their sum is the hidden state."""
+        x, residual = self.embed_input(input_ids, ctx.positions, ops), None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx, ops, self.cos_sin, self.alibi)
+        return x, residual
+
+    def head(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, ops: Ops) -> torch.Tensor:
+        """Final norm and LM head on the given rows only: float32 logits."""
         n = self.final_norm
-        h, _ = ops.add_norm(x[ctx.logits_indices], residual[ctx.logits_indices], n.weight, n.bias, n.eps, n.rms)
+        h, _ = ops.add_norm(x[rows], residual[rows], n.weight, n.bias, n.eps, n.rms)
         return self.lm_head.logits(h).float()

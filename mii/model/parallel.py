@@ -16,16 +16,17 @@ import torch.distributed as dist
 class TPState:
     rank: int = 0
     size: int = 1
-    group: object | None = None
+    group: object | None = None      # the collectives on the model's tensors (NCCL on CUDA)
+    cpu_group: object | None = None  # gloo: step inputs from rank 0's host to the others'
 
 
 TP = TPState()
 
 
-def set_tensor_parallel(rank: int, size: int, group=None) -> None:
+def set_tensor_parallel(rank: int, size: int, group=None, cpu_group=None) -> None:
     if not 0 <= rank < size:
         raise ValueError(f"tensor-parallel rank {rank} is outside world size {size}")
-    TP.rank, TP.size, TP.group = rank, size, group
+    TP.rank, TP.size, TP.group, TP.cpu_group = rank, size, group, cpu_group
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

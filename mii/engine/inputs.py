@@ -1,0 +1,96 @@
+"""A step's model inputs: packed on the host into two flat tensors (one per dtype), so
+that reaching the device costs two asynchronous copies, not one per field, and
+reaching another tensor-parallel rank costs one message."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mii.model.decoder import BatchContext
+from .scheduler import ScheduledSeq
+
+
+@dataclass(slots=True)
+class StepInputs:
+    longs: torch.Tensor  # int64: ids | positions | slots | logits rows | feed dst | feed src
+    ints: torch.Tensor   # int32: block tables [B, W] | cu_seqlens [B + 1] | context lens [B]
+    sizes: tuple[int, int, int, int, int]  # T tokens, B sequences, W table width, S samples, F fed
+
+    @classmethod
+    def pack(cls, batch: list[ScheduledSeq], block_size: int, last_rows: dict, pin: bool) -> StepInputs:
+        """``last_rows`` maps each sequence sampled by the step still in flight to its row
+        of that step's tokens: an input token not yet on the host is fed from there
+        ("feed"), on the device."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        ctx_lens: list[int] = []
+        logits_idx: list[int] = []
+        feed_dst: list[int] = []
+        feed_src: list[int] = []
+        bs = block_size
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.num_tokens
+            known = seq.token_ids[start:end]
+            ids.extend(known)
+            if len(known) < item.num_tokens:  # the last token is in flight from the previous step
+                if item.num_tokens - len(known) != 1 or seq not in last_rows:
+                    raise RuntimeError(f"{seq.request_id}: input token {end - 1} is neither known "
+                                       f"nor sampled by the previous step")
+                feed_dst.append(len(ids))
+                feed_src.append(last_rows[seq])
+                ids.append(0)
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            cu.append(cu[-1] + item.num_tokens)
+            ctx_lens.append(end)
+            if item.samples:
+                logits_idx.append(cu[-1] - 1)
+        width = max(len(item.seq.block_table) for item in batch)
+        tables: list[int] = []
+        for item in batch:
+            tables += item.seq.block_table + [0] * (width - len(item.seq.block_table))
+        longs = torch.tensor(ids + positions + slots + logits_idx + feed_dst + feed_src, dtype=torch.long,
+                             pin_memory=pin)
+        ints = torch.tensor(tables + cu + ctx_lens, dtype=torch.int32, pin_memory=pin)
+        return cls(longs, ints, (len(ids), len(batch), width, len(logits_idx), len(feed_dst)))
+
+    @property
+    def num_fed(self) -> int:
+        return self.sizes[4]
+
+    def to_device(self, device: torch.device, last_tokens: torch.Tensor | None) -> tuple[torch.Tensor, BatchContext]:
+        """Copy without blocking (pinned memory) and split. With ``last_tokens`` the fed ids
+        are gathered from it on the device, so the host never waits for the last step;
+        without, they stay 0 for the caller to fill (tensor-parallel peers receive them)."""
+        T, B, W, S, F = self.sizes
+        longs = self.longs.to(device, non_blocking=True)
+        ints = self.ints.to(device, non_blocking=True)
+        ids, pos, slots, rows, dst, src = longs.split([T, T, T, S, F, F])
+        if F and last_tokens is not None:
+            ids[dst] = last_tokens[src]
+        tables, cu, ctx_lens = ints.split([B * W, B + 1, B])
+        return ids, BatchContext(positions=pos, slot_mapping=slots, block_tables=tables.view(B, W),
+                                 cu_seqlens_q=cu, context_lens=ctx_lens, logits_indices=rows)
+
+    # -- the wire between tensor-parallel ranks ---------------------------------------
+    def header(self) -> torch.Tensor:
+        return torch.tensor(self.sizes, dtype=torch.long)
+
+    def payload(self) -> torch.Tensor:
+        return torch.cat([self.longs, self.ints.long()])
+
+    @classmethod
+    def payload_size(cls, header: list[int]) -> int:
+        T, B, W, S, F = header
+        return 3 * T + S + 2 * F + B * W + 2 * B + 1
+
+    @classmethod
+    def from_wire(cls, header: list[int], payload: torch.Tensor) -> StepInputs:
+        T, B, W, S, F = header
+        n = 3 * T + S + 2 * F
+        return cls(payload[:n], payload[n:].int(), tuple(header))
