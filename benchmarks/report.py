@@ -11,6 +11,14 @@ def _row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _where(s: dict) -> str:
+    """Where the serving time went: host work against waiting on the device."""
+    if "host_wait_s" in s:
+        return (f"{s['steps']} steps in {s['seconds']:.1f} s: the host waited on the GPU {s['host_wait_s']:.1f} s "
+                f"and was busy (scheduling, packing, launching, detokenizing) {s['host_busy_s']:.1f} s.")
+    return "Where the time went (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s.get("phase_seconds", {}).items()) + "."
+
+
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
             if not p.name.startswith(("quant-", "tp-", "profile-"))]
@@ -73,7 +81,9 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"{100 * t['first_token_agreement']:.0f}% of prompts)"
                   + (f"; first-token log-probabilities within {t['max_logprob_diff']:.1e} of TP=1's."
                      if "max_logprob_diff" in t else "."),
-                  f"- all-reduce of one token's hidden state: {t['allreduce_us']:.1f} us; 2 per layer = "
+                  f"- all-reduce of one token's hidden state: {t['allreduce_us']:.1f} us"
+                  + (f" replayed in a CUDA graph ({t['allreduce_eager_us']:.1f} us launched eagerly)"
+                     if "allreduce_eager_us" in t else " launched eagerly") + "; 2 per layer = "
                   f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the TP=2 step.", ""]
     for p in sorted(Path(results).glob("profile-*.json")):
         f = json.loads(p.read_text())
@@ -113,10 +123,3 @@ def _plot(runs, path: Path) -> None:
 if __name__ == "__main__":
     write_report()
 
-
-def _where(s: dict) -> str:
-    """Where the serving time went: host work against waiting on the device."""
-    if "host_wait_s" in s:
-        return (f"{s['steps']} steps in {s['seconds']:.1f} s: the host waited on the GPU {s['host_wait_s']:.1f} s "
-                f"and was busy (scheduling, packing, launching, detokenizing) {s['host_busy_s']:.1f} s.")
-    return "Where the time went (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s.get("phase_seconds", {}).items()) + "."
