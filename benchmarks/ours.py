@@ -31,6 +31,9 @@ class _WaitClock:
         self._collect = eng.runner.collect
         eng.runner.collect = self
 
+    def detach(self, eng: LLMEngine) -> None:
+        eng.runner.collect = self._collect
+
     def __call__(self, launched):
         t0 = time.perf_counter()
         out = self._collect(launched)
@@ -49,13 +52,17 @@ def decode(eng: LLMEngine, batch: int, prompt_len: int = 128, new_tokens: int = 
         started.update(o.request_id for o in eng.step())
     torch.cuda.synchronize()
     steps = tokens = 0
+    wait = _WaitClock(eng)
     t0 = time.perf_counter()
     while eng.has_unfinished():
         tokens += sum(len(o.token_ids) for o in eng.step())
         steps += 1
     t = time.perf_counter() - t0
+    wait.detach(eng)
     per_seq = tokens / batch
-    return {"batch": batch, "ms_per_step": 1e3 * t / per_seq, "tok_s": tokens / t, "decode_steps": steps}
+    # host_wait near 0: the host (scheduler, packing, launch, detokenizer) is the bottleneck
+    return {"batch": batch, "ms_per_step": 1e3 * t / per_seq, "tok_s": tokens / t, "decode_steps": steps,
+            "host_wait_ms_per_step": 1e3 * wait.seconds / steps}
 
 
 def ttft(eng: LLMEngine, prompt_len: int = 512, repeats: int = 5) -> float:
@@ -99,6 +106,7 @@ def serve(eng: LLMEngine, workload: list[tuple[int, int]]) -> dict:
             else:
                 gaps.append(now - last[o.request_id])
             last[o.request_id] = now
+    wait.detach(eng)
     total = time.perf_counter() - t0
     ttfts = sorted(first.values())
     gaps.sort()

@@ -44,7 +44,9 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                                f"{100 * d1['tok_s'] / r['roofline_tok_s']:.0f}%", "", f"{d32['tok_s']:.0f}", "",
                                f"(warm-up {d1['warmup_s']:.1f} s)"]))
         s = o["serving"]
-        lines += ["", f"Roofline at bs=1: {r['roofline_tok_s']:.0f} tok/s.", "",
+        wait = (f" At bs=1 the host waited on the GPU {bs1['host_wait_ms_per_step']:.2f} ms of each "
+                f"{bs1['ms_per_step']:.2f} ms step (near 0: host-bound)." if "host_wait_ms_per_step" in bs1 else "")
+        lines += ["", f"Roofline at bs=1: {r['roofline_tok_s']:.0f} tok/s.{wait}", "",
                   f"Serving workload ({s['requests']} requests, prompts U[32,1024], outputs U[16,512], all at once): "
                   f"ours {s['output_tok_s']:.0f} output tok/s; TTFT mean/p50/p99 {s['ttft_ms']['mean']:.0f}/"
                   f"{s['ttft_ms']['p50']:.0f}/{s['ttft_ms']['p99']:.0f} ms; inter-token mean/p50/p99 "
