@@ -23,7 +23,7 @@ from mii.config import SamplingParams
 def allreduce_us(hidden: int, layers: int) -> dict:
     """One [1, hidden] all-reduce over 2 GPUs, in its own two processes: launched eagerly,
     and replayed from a CUDA graph holding a step's worth (2 per layer) of them, as the
-    engine's decode graphs hold them. fp32, as the row-parallel layers reduce."""
+    engine's decode graphs hold them."""
     import torch.multiprocessing as mp
     port = 29500 + os.getpid() % 1000
     q = mp.get_context("spawn").SimpleQueue()
@@ -40,7 +40,7 @@ def _ar_worker(rank: int, port: int, hidden: int, per_step: int, q) -> None:
     import torch.distributed as dist
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    x = torch.randn(1, hidden, device="cuda", dtype=torch.float32)
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.float16)
     for _ in range(20):
         dist.all_reduce(x)
     torch.cuda.synchronize()

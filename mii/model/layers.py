@@ -53,20 +53,10 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.fuse_bias else None
-        if self.kind == "row":
-            y = row_parallel_matmul(x, self.weight)
+        if self.kind == "row" and TP.size > 1:
+            y = all_reduce(F.linear(x, self.weight))
             return y if bias is None else y + bias  # bias once, after the sum
         return F.linear(x, self.weight, bias)
-
-
-def row_parallel_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x W^T with W split by input features over the ranks, summed. Half-precision
-    partial products are summed in fp32 and rounded once, as one GPU's GEMM rounds its
-    fp32 accumulator once: rounding each rank's part to fp16 first made TP=2's greedy
-    tokens drift from TP=1's on a 7B model (2x H200, 2026-11-22)."""
-    if TP.size > 1 and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        return all_reduce(torch.mm(x, w.t(), out_dtype=torch.float32)).to(x.dtype)
-    return all_reduce(F.linear(x, w))
 
 
 class QKVLinear(Linear):
