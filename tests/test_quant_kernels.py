@@ -38,12 +38,16 @@ def test_int4_pack_roundtrip():
     assert torch.equal(unpack_int4(pack_int4(q)), q)
 
 
-# M: batch-1 GEMV, small decode batch (BM=16 tiles), ragged prefill. N: never a block multiple.
-GEMM_CASES = [(1, 40, 128, 32), (3, 40, 128, 64), (17, 70, 256, 64)]
-# Forced configs so split-K and several tile shapes run in the interpreter too.
+# M: batch-1 decode and a small decode batch (the M <= 16 split-K kernel), ragged prefill
+# (GEMM tiles). N: never a block multiple.
+GEMM_CASES = [(1, 40, 128, 32), (3, 40, 128, 64), (16, 70, 256, 64), (17, 70, 256, 64)]
+# Forced configs so split-K (even and uneven splits of the K-tiles) and several tile shapes
+# run in the interpreter too.
 CONFIGS = {
-    "gemv_split": dict(kind="gemv", BN=16, BK=32, SPLIT_K=2, num_warps=4, num_stages=1),
-    "gemm_split": dict(kind="gemm", BM=16, BN=32, BK=32, GROUP_M=2, SPLIT_K=3, num_warps=4, num_stages=1),
+    "skinny_split3": dict(kind="skinny", BM=16, BN=16, BK=32, U=1, A_REGS=False, SPLIT_K=3, num_warps=4, num_stages=1),
+    "skinny_split7": dict(kind="skinny", BM=16, BN=64, BK=32, U=1, A_REGS=True, SPLIT_K=7, num_warps=4, num_stages=1),
+    "skinny_steps": dict(kind="skinny", BM=16, BN=32, BK=32, U=3, A_REGS=False, SPLIT_K=2, num_warps=4, num_stages=1),
+    "gemm_tiles": dict(kind="gemm", BM=16, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=1),
 }
 
 
@@ -64,14 +68,23 @@ def test_wxa16_gemm_matches_reference(bits, M, N, K, group, dtype):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_wxa16_split_k_and_tiles(bits, name):
+@pytest.mark.parametrize("M", [1, 5])
+def test_wxa16_split_k_and_tiles(bits, name, M):
     cfg = CONFIGS[name]
-    M = 1 if cfg["kind"] == "gemv" else 5
-    N, K, group = 50, 224, 32  # 7 K-tiles over 2 or 3 splits: the last split is short
+    N, K, group = 50, 224, 32  # 7 K-tiles over 3 or 7 splits (uneven, one each), or 3 steps of 3 (one short)
     qweight, scales = random_qweight(N, K, bits, group)
     x = torch.randn(M, K, device=DEV)
-    ref = wxa16_gemm_ref(x, qweight, scales, None, bits)
-    assert rel(wxa16_gemm(x, qweight, scales, None, bits, config=cfg), ref) < 1e-5
+    bias = torch.randn(N, device=DEV)
+    ref = wxa16_gemm_ref(x, qweight, scales, bias, bits)
+    assert rel(wxa16_gemm(x, qweight, scales, bias, bits, config=cfg), ref) < 1e-5
+    # the arrival counters are back at zero: a second call sums the same partials again
+    assert rel(wxa16_gemm(x, qweight, scales, bias, bits, config=cfg), ref) < 1e-5
+
+
+def test_wxa16_skinny_rejects_too_many_rows():
+    qweight, scales = random_qweight(40, 64, 8, 32)
+    with pytest.raises(ValueError, match="at most BM=16 rows, got M=17"):
+        wxa16_gemm(torch.randn(17, 64, device=DEV), qweight, scales, None, 8, config=CONFIGS["skinny_split3"])
 
 
 def test_wxa16_keeps_leading_dims():

@@ -22,7 +22,7 @@ def quantized(n: int, k: int, mode: str, group: int = 128) -> dict[str, torch.Te
 
 
 @pytest.mark.parametrize("mode", ["w8a16", "w4a16"])
-@pytest.mark.parametrize("M", [1, 16, 4096])
+@pytest.mark.parametrize("M", [1, 4, 16, 4096])
 @pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (4096, 11008)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_wxa16_real_shapes(mode, M, N, K, dtype):
@@ -35,6 +35,51 @@ def test_wxa16_real_shapes(mode, M, N, K, dtype):
     # M > 1 the bf16/fp16 tensor-core products are exact (integer weights), so 1e-2 / 2e-3
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     assert rel(y, wxa16_gemm_ref(x, t["qweight"], t["scales"], bias, bits)) < tol
+
+
+# Split-K over several programs, uneven splits (86 K-tiles; steps of U tiles with a short
+# last one), mma.sync and wgmma, group 64, N not a multiple of the tile, bf16: each against
+# the reference, twice (the arrival counters must be back at zero, and the fixed-order
+# reduction gives identical bits).
+SKINNY_CASES = [  # (tile config, dtype)
+    (dict(), torch.bfloat16),  # the default: mma.sync, operands converted in registers
+    (dict(BN=64, BK=128, num_warps=4, num_stages=2, waves=8, U=4, A_REGS=False), torch.float16),  # wgmma
+    (dict(BN=128, BK=64, num_warps=2, num_stages=3, waves=2, U=2), torch.float16),
+]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("N,K,group", [(4096, 11008, 128), (1000, 4096, 64)])
+@pytest.mark.parametrize("case", range(len(SKINNY_CASES)))
+def test_skinny_split_k(bits, M, N, K, group, case):
+    from kernels.quant_gemm import skinny_config
+    tiles, dtype = SKINNY_CASES[case]
+    t = quantized(N, K, "w8a16" if bits == 8 else "w4a16", group)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    config = skinny_config(N, K, group, torch.cuda.get_device_properties(0).multi_processor_count, **tiles)
+    y = wxa16_gemm(x, t["qweight"], t["scales"], bias, bits, config)
+    ref = wxa16_gemm_ref(x, t["qweight"], t["scales"], bias, bits)
+    assert rel(y, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    assert torch.equal(wxa16_gemm(x, t["qweight"], t["scales"], bias, bits, config), y)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_skinny_in_cuda_graph(bits):
+    """Decode replays a captured graph with new inputs: the split-K counters and partials
+    allocated at capture must serve every replay."""
+    t = quantized(4096, 4096, "w8a16" if bits == 8 else "w4a16")
+    x = torch.randn(2, 4096, device="cuda", dtype=torch.float16)
+    wxa16_gemm(x, t["qweight"], t["scales"], None, bits)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = wxa16_gemm(x, t["qweight"], t["scales"], None, bits)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel(y, wxa16_gemm_ref(x, t["qweight"], t["scales"], None, bits)) < 2e-3
 
 
 @pytest.mark.parametrize("M", [1, 16, 4096])

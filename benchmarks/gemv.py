@@ -1,0 +1,217 @@
+"""Decode-shape weight-only GEMMs against fp16 cuBLAS: `python -m benchmarks.gemv --out DIR [--sweep]`.
+
+For each linear of the 7B Llama shape (qkv, o, gate_up, down) and M in {1, 4, 16} rows it
+times fp16 ``F.linear`` (cuBLAS), W8A16 and W4A16 (``kernels/quant_gemm.py``), and reports
+the bandwidth each reaches, (weight bytes + scale bytes) / time, against the measured
+device-to-device copy bandwidth (bytes read + written). Writes ``gemv.json`` under --out.
+
+Timing: each kernel runs back to back inside a CUDA graph (as decode does), cycling over
+enough copies of the weight that none is still in L2 when it comes round again; the time
+per call is the median over graph replays. ``--sweep`` also times a grid of tile configs
+and K-splits per shape (``gemv-sweep.json``) and prints the fastest per shape.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels.quant_gemm import default_config, skinny_config, wxa16_gemm
+
+from .models import SHAPES
+
+MS = (1, 4, 16)
+
+
+def linear_shapes(model: str = "llama-7b") -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of the decoder's linears (q/k/v and gate/up fused, as we run them)."""
+    kw = SHAPES[model][1]
+    h, inter = kw["hidden_size"], kw["intermediate_size"]
+    head = h // kw["num_attention_heads"]
+    return {"qkv": (h + 2 * kw["num_key_value_heads"] * head, h), "o": (h, h),
+            "gate_up": (2 * inter, h), "down": (h, inter)}
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20, CUDA events)."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times)
+
+
+def time_calls(fn, args: list[tuple], min_calls: int = 64, replays: int = 10) -> float:
+    """Median seconds per ``fn(*a)``, run back to back in one CUDA graph over ``args`` in turn."""
+    calls = [args[i % len(args)] for i in range(max(min_calls, len(args)))]
+    for a in args:  # compile (and any autotuning) before capture
+        fn(*a)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for a in calls:
+            fn(*a)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del graph
+    return statistics.median(times) / len(calls)
+
+
+def copies_for(nbytes: int) -> int:
+    """Weight copies to cycle over so each is evicted from L2 before its next use."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, -(-4 * l2 // nbytes))
+
+
+def quantized(N: int, K: int, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (qweight, scales) in our storage format (the kernels' speed does not depend on values)."""
+    if bits == 8:
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+    else:
+        q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device="cuda")
+    return q, torch.rand(N, K // group, device="cuda") * 0.01 + 1e-3
+
+
+def weight_bytes(N: int, K: int, bits: int, group: int) -> int:
+    if bits == 16:
+        return 2 * N * K
+    return N * K * bits // 8 + 4 * N * (K // group)
+
+
+def bench(group: int, dtype: torch.dtype, bw: float) -> list[dict]:
+    rows = []
+    for name, (N, K) in linear_shapes().items():
+        w16 = [torch.randn(N, K, device="cuda", dtype=dtype) * 0.02
+               for _ in range(copies_for(weight_bytes(N, K, 16, group)))]
+        wq = {bits: [quantized(N, K, bits, group) for _ in range(copies_for(weight_bytes(N, K, bits, group)))]
+              for bits in (8, 4)}
+        for M in MS:
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            row = {"linear": name, "N": N, "K": K, "M": M, "group": group}
+            t = time_calls(F.linear, [(x, w) for w in w16])
+            row["fp16"] = {"us": t * 1e6, "bytes": weight_bytes(N, K, 16, group)}
+            for bits, mode in ((8, "w8a16"), (4, "w4a16")):
+                t = time_calls(lambda x, q, s: wxa16_gemm(x, q, s, None, bits), [(x, q, s) for q, s in wq[bits]])
+                row[mode] = {"us": t * 1e6, "bytes": weight_bytes(N, K, bits, group),
+                             "config": default_config(M, N, K, group, bits, x.device)}
+            for mode in ("fp16", "w8a16", "w4a16"):
+                r = row[mode]
+                r["gb_s"] = r["bytes"] / r["us"] / 1e3
+                r["pct_copy_bw"] = 100 * r["bytes"] / (r["us"] * 1e-6) / bw
+                r["speedup_vs_fp16"] = row["fp16"]["us"] / r["us"]
+            rows.append(row)
+        del w16, wq
+        torch.cuda.empty_cache()
+    return rows
+
+
+# (BN, BK, num_warps, num_stages, U, A_REGS) tried by --sweep, for both bit widths: mma.sync
+# with the weight tile converted straight into its operand registers (1-2 warps), and
+# wgmma with the converted tile staged in shared memory (4 warps). See skinny_config for
+# what won on the H100.
+SWEEP = [(64, 128, 2, 3, 1, True), (64, 128, 2, 4, 1, True), (128, 128, 2, 3, 1, True),
+         (32, 128, 1, 3, 1, True), (64, 128, 4, 3, 1, False)]
+
+
+def sweep(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = (1, 16),
+          shapes: dict[str, tuple[int, int]] | None = None) -> list[dict]:
+    """Time tile configs x K-splits for the M <= 16 kernel; one row per (linear, bits, M, config)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for name, (N, K) in (shapes or linear_shapes()).items():
+        for bits in (8, 4):
+            ws = [quantized(N, K, bits, group) for _ in range(copies_for(weight_bytes(N, K, bits, group)))]
+            for M in ms:
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                for bn, bk, warps, stages, u, regs in SWEEP:
+                    seen = set()
+                    for waves in (2, 4, 8, 16):
+                        cfg = skinny_config(N, K, group, sms, bn, bk, warps, stages, waves, u, regs)
+                        if cfg["SPLIT_K"] in seen:
+                            continue
+                        seen.add(cfg["SPLIT_K"])
+                        t = time_calls(lambda x, q, s: wxa16_gemm(x, q, s, None, bits, cfg),
+                                       [(x, q, s) for q, s in ws], min_calls=32, replays=5)
+                        b = weight_bytes(N, K, bits, group)
+                        rows.append({"linear": name, "bits": bits, "M": M, "waves": waves, **cfg,
+                                     "us": t * 1e6, "pct_copy_bw": 100 * b / t / bw})
+            del ws
+            torch.cuda.empty_cache()
+    return rows
+
+
+def fastest(rows: list[dict]) -> dict[tuple, dict]:
+    """The quickest sweep row per (linear, bits, M)."""
+    best = {}
+    for r in rows:
+        key = (r["linear"], r["bits"], r["M"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    return best
+
+
+def table(rows: list[dict], bw: float) -> str:
+    out = [f"copy bandwidth {bw / 1e9:.0f} GB/s; GB/s (% of copy) and speed-up over fp16",
+           f"{'linear':8} {'N x K':>12} {'M':>3} | {'fp16 cuBLAS':>22} | {'W8A16':>30} | {'W4A16':>30}"]
+    for r in rows:
+        cells = [f"{r[m]['us']:6.1f}us {r[m]['gb_s']:5.0f} ({r[m]['pct_copy_bw']:3.0f}%)"
+                 + ("" if m == "fp16" else f" {r[m]['speedup_vs_fp16']:4.2f}x") for m in ("fp16", "w8a16", "w4a16")]
+        out.append(f"{r['linear']:8} {r['N']:>5} x {r['K']:<5} {r['M']:>3} | " + " | ".join(cells))
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # not benchmarks/results: benchmarks.report reads every JSON there as a model run
+    ap.add_argument("--out", type=Path, default=Path("out"))
+    ap.add_argument("--groups", default="128,64", help="comma-separated group sizes (the first also for --sweep)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configs and K-splits")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    groups = [int(g) for g in args.groups.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth()
+    meta = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "triton": triton.__version__, "dtype": args.dtype, "copy_bw_gb_s": bw / 1e9,
+            "sms": props.multi_processor_count}
+    if args.sweep:
+        rows = sweep(groups[0], dtype, bw)
+        (args.out / "gemv-sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+        print("fastest config per (linear, bits, M):")
+        for (name, bits, M), r in fastest(rows).items():
+            print(f"  {name:8} w{bits} M={M:<2} {r['us']:6.1f}us {r['pct_copy_bw']:3.0f}% BN={r['BN']} BK={r['BK']} "
+                  f"U={r['U']} A_REGS={r['A_REGS']} warps={r['num_warps']} stages={r['num_stages']} "
+                  f"split={r['SPLIT_K']} (waves {r['waves']})")
+    results = {**meta, "groups": {}}
+    for g in groups:
+        rows = bench(g, dtype, bw)
+        results["groups"][g] = rows
+        print(f"\n{props.name}, {args.dtype}, group {g}\n" + table(rows, bw))
+    (args.out / "gemv.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
