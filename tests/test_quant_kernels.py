@@ -250,3 +250,15 @@ def test_quantize_weight_needs_a_group_size_that_divides():
     # quantize_model falls back to a smaller group (tests/test_quant_engine.py); the low level does not
     with pytest.raises(ValueError, match="group_size=128 does not divide in_features=96"):
         quantize_weight(torch.randn(8, 96), "w8a16", 128)
+
+
+@pytest.mark.parametrize("mode,bits", [("w8a16", 8), ("w4a16", 4)])
+def test_dequantize_for_cublas_prefill_matches_reference(mode, bits):
+    """The weight that large-M steps hand to cuBLAS is the reference dequantization."""
+    from kernels.quant_gemm import dequantize, dequantize_ref
+    from mii.model.quant import quantize_weight
+    t = quantize_weight(torch.randn(96, 256) * 0.02, mode, 64)
+    ref = dequantize_ref(t["qweight"], t["scales"], bits)
+    assert torch.equal(dequantize(t["qweight"], t["scales"], bits, torch.float32), ref)
+    half = dequantize(t["qweight"], t["scales"], bits, torch.float16)
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), ref, rtol=2 ** -10, atol=0)
