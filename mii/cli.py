@@ -2,7 +2,7 @@
 
     mii serve [MODEL] --replicas 2 --tensor-parallel 1 --port 8000 --api-key KEY   # until Ctrl-C
     mii query NAME "DeepSpeed is" "Seattle is" --max-tokens 32 [--stream]
-    mii quantize MODEL OUT --mode w8a16 [--group-size 128] [--eval]
+    mii quantize MODEL OUT --mode w8a16 [--group-size 128] [--calibrate/--no-calibrate] [--eval]
     mii list
     mii terminate NAME
 """
@@ -105,7 +105,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--num-kv-blocks", type=int, default=None)
     s.add_argument("--max-num-seqs", type=int, default=None)
-    s.add_argument("--quantize", default=None, choices=["w8a16", "w8a8", "w4a16"])
+    s.add_argument("--quantize", default=None, choices=["w8a16", "w8a8", "w4a16"],
+                   help="quantize on the fly at load, round-to-nearest (`mii quantize` writes calibrated checkpoints)")
     s.add_argument("--max-queued-requests", type=int, default=1024)
     s.add_argument("--request-timeout", type=float, default=600.0)
     s.add_argument("--startup-timeout", type=float, default=600.0)
@@ -127,8 +128,8 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--registry", **registry)
     ls.set_defaults(func=_list)
 
-    from mii.quantize import add_arguments, run
-    qz = sub.add_parser("quantize", help="write a quantized checkpoint (ZeroQuant-style)")
+    from mii.quantize import DESCRIPTION, add_arguments, run
+    qz = sub.add_parser("quantize", help="write a quantized checkpoint (ZeroQuant-style)", description=DESCRIPTION)
     add_arguments(qz)
     qz.set_defaults(func=run)
 

@@ -1,11 +1,21 @@
 """Offline quantization and its quality report.
 
-    mii quantize MODEL OUT --mode w8a16 [--group-size 128] [--eval]
+    mii quantize MODEL OUT --mode w8a16 [--group-size 128] [--calibrate/--no-calibrate] [--eval]
     python -m mii.quantize MODEL OUT --mode w4a16 --eval
 
 ``quantize_checkpoint`` loads the fp model as the engine does (streamed into its
 shards), quantizes the policy's linears and writes ``OUT``: one safetensors file,
-config.json with a ``mii_quantization`` section, and the tokenizer. The quantized
+config.json with a ``mii_quantization`` section, and the tokenizer.
+
+Offline quantization can afford to look at data. By default it calibrates on
+``mii/data/calib_text.txt`` (never the eval text): W8A8 applies SmoothQuant
+(``mii.model.smooth``) before rounding, W4A16 quantizes with GPTQ (``mii.model.gptq``);
+W8A16 rounds to nearest, as its error is already small, unless ``calibrate=True``
+(then GPTQ). The ``method`` in config.json says which ("smoothquant", "gptq", "rtn").
+Either way the checkpoint holds the same integers-plus-scales format, so it loads and
+tensor-slices like any other. On-the-fly ``quantize=`` at load always rounds to nearest.
+
+The quantized
 layers' tensors are saved under their engine names (``layers.0.attn.qkv.qweight``),
 already fused; every other tensor is copied unchanged under its original name.
 ``mii.pipeline(OUT)`` then builds those layers empty and loads the integers straight
@@ -26,9 +36,12 @@ from pathlib import Path
 
 import torch
 
+from mii.model.calibrate import CALIB_TEXT, CALIB_TOKENS
 from mii.model.quant import DEFAULT_GROUP_SIZE, MODES, QUANT_CONFIG_KEY, QuantLinear, check_quant_args
+from mii.model.smooth import DEFAULT_ALPHA
 
 EVAL_TEXT = "eval_text.txt"
+CALIBRATED_BY_DEFAULT = ("w8a8", "w4a16")  # w8a16 loses <0.5% to round-to-nearest already
 
 
 def eval_text() -> str:
@@ -41,17 +54,20 @@ def _dir_size(path: Path) -> int:
 
 
 def quantize_checkpoint(model: str | Path | None, out_dir: str | Path, mode: str = "w8a16",
-                        group_size: int = DEFAULT_GROUP_SIZE, show_progress: bool = True) -> Path:
+                        group_size: int = DEFAULT_GROUP_SIZE, show_progress: bool = True,
+                        calibrate: bool | None = None, calib_tokens: int = CALIB_TOKENS) -> Path:
     """Write a quantized copy of ``model`` (HF directory, .gguf, hub id, None = default) to ``out_dir``.
 
     ``group_size`` is the requested size; layers it does not divide fall back as described in
-    ``mii.model.quant``. ``out_dir`` must not exist yet or be empty. Returns ``out_dir``.
+    ``mii.model.quant``. ``calibrate``: None = the mode's default (True for w8a8 and w4a16),
+    on ``calib_tokens`` tokens of the shipped calibration text. ``out_dir`` must not exist
+    yet or be empty. Returns ``out_dir``.
     """
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
     from mii.model.loader import WeightRouter, checkpoint_files, iter_tensors, load_model
-    from mii.model.quant import quantize_model, saved_quantization
+    from mii.model.quant import saved_quantization
     from mii.model.source import resolve_model_path
     from mii.policies import policy_for
     from mii.policies.base import resolve
@@ -67,9 +83,13 @@ def quantize_checkpoint(model: str | Path | None, out_dir: str | Path, mode: str
     _, policy = policy_for(hf_config)
     spec = resolve(policy, hf_config)
 
+    if calibrate is None:
+        calibrate = mode in CALIBRATED_BY_DEFAULT
     # fp32 weights, so the scales come from the checkpoint's own precision, then quantize in place.
     fp = load_model(str(src), spec, torch.float32, torch.device("cpu"), show_progress)
-    qmodel = quantize_model(fp, mode, group_size, policy.quantizable, show_progress)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    qmodel, how, changed = _quantize(fp, tokenizer, mode, group_size,
+                                     policy.quantizable, calibrate, calib_tokens, show_progress)
     tensors: dict[str, torch.Tensor] = {}
     quantized = set()
     for name, m in qmodel.named_modules():
@@ -77,24 +97,54 @@ def quantize_checkpoint(model: str | Path | None, out_dir: str | Path, mode: str
             quantized.add(name)
             tensors.update({f"{name}.{p}": t.data for p, t in m.named_parameters(recurse=False)})
     router = WeightRouter(policy)
+    rewritten = set()
     for name, t in iter_tensors(checkpoint_files(str(src))):
         routed = router.route(name)
-        if routed is not None and routed[0] not in quantized:
-            tensors[name] = t.contiguous().clone()  # clone: .bin checkpoints may share storage (tied heads)
+        if routed is None or routed[0] in quantized:
+            continue
+        target, pname, _ = routed
+        if target in changed:  # a norm that SmoothQuant rescaled: its new value, kept in fp32
+            t = getattr(qmodel.get_submodule(target), pname).detach().float()
+            rewritten.add(target)
+        tensors[name] = t.contiguous().clone()  # clone: .bin checkpoints may share storage (tied heads)
+    if changed - quantized - rewritten:
+        raise RuntimeError(f"calibration changed {sorted(changed - quantized - rewritten)[:4]}, "
+                           f"which the checkpoint would not hold")
 
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
-    config[QUANT_CONFIG_KEY] = {"mode": mode, "group_size": group_size, "modules": list(policy.quantizable)}
+    config[QUANT_CONFIG_KEY] = {"mode": mode, "group_size": group_size, "modules": list(policy.quantizable), **how}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     if (src / "generation_config.json").is_file():
         shutil.copy(src / "generation_config.json", out)
     if show_progress:
         before, after = _dir_size(src), _dir_size(out)
-        print(f"Wrote {mode} checkpoint to {out}: {after / 2**20:.1f} MiB "
+        print(f"Wrote {mode} ({how['method']}) checkpoint to {out}: {after / 2**20:.1f} MiB "
               f"({after / before:.2f}x of {before / 2**20:.1f} MiB)", flush=True)
     return out
+
+
+def _quantize(model, tokenizer, mode: str, group_size: int, quantizable: tuple[str, ...], calibrate: bool,
+              calib_tokens: int, show_progress: bool) -> tuple[torch.nn.Module, dict, set[str]]:
+    """(quantized model, how: its config.json entries, names of the fp modules calibration changed)."""
+    from mii.model.calibrate import Calibrator, calibration_ids
+    from mii.model.gptq import gptq_model
+    from mii.model.quant import quantize_model
+    from mii.model.smooth import activation_max, smooth_model
+
+    if not calibrate:
+        return quantize_model(model, mode, group_size, quantizable, show_progress), {"method": "rtn"}, set()
+    cal = Calibrator(model, calibration_ids(tokenizer, max_tokens=calib_tokens))
+    data = {"text": CALIB_TEXT, "tokens": cal.num_tokens}
+    if mode == "w8a8":  # per-token int8 activations: even out their channels first
+        act_max = activation_max(model, cal, quantizable, show_progress)
+        changed = smooth_model(model, act_max, DEFAULT_ALPHA, quantizable)
+        how = {"method": "smoothquant", "calibration": {**data, "alpha": DEFAULT_ALPHA}}
+        return quantize_model(model, mode, group_size, quantizable, show_progress), how, changed
+    how = {"method": "gptq", "calibration": data}
+    return gptq_model(model, cal, mode, group_size, quantizable, show_progress), how, set()
 
 
 @torch.inference_mode()
@@ -141,6 +191,10 @@ def evaluate_perplexity(model_path: str | Path | None, quantize: str | None = No
     return math.exp(nll / (len(ids) - 1))
 
 
+DESCRIPTION = ("Write a quantized checkpoint (ZeroQuant-style), calibrated by default for w8a8 (SmoothQuant) "
+               "and w4a16 (GPTQ).")
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The ``mii quantize`` arguments, for a parser of its own or a subcommand."""
     ap.add_argument("model", help="fp model: HF directory, .gguf file or hub id ('default' = embedded model)")
@@ -148,6 +202,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mode", default="w8a16", choices=MODES)
     ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                     help="inputs per weight scale, a power of two >= 32 (w8a16/w4a16; default 128)")
+    ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
+                    help="calibrate on the shipped calib_text.txt: SmoothQuant for w8a8, GPTQ for w4a16 and "
+                         "w8a16 (default: on for w8a8 and w4a16, off for w8a16). On-the-fly quantization "
+                         "at load (--quantize, quantize=) always rounds to nearest")
+    ap.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS,
+                    help=f"calibration tokens (default {CALIB_TOKENS})")
     ap.add_argument("--eval", action="store_true",
                     help="report the perplexity of the fp and the quantized model on the shipped English text")
     ap.add_argument("--eval-tokens", type=int, default=None, help="score only the text's first N tokens")
@@ -156,7 +216,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = None if args.model == "default" and not Path(args.model).exists() else args.model
-    out = quantize_checkpoint(model, args.out, args.mode, args.group_size, show_progress=not args.quiet)
+    out = quantize_checkpoint(model, args.out, args.mode, args.group_size, show_progress=not args.quiet,
+                              calibrate=args.calibrate, calib_tokens=args.calib_tokens)
     if args.eval:
         fp = evaluate_perplexity(model, max_tokens=args.eval_tokens)
         q = evaluate_perplexity(out, max_tokens=args.eval_tokens)
@@ -166,8 +227,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    """``mii quantize MODEL OUT --mode w8a16 [--group-size N] [--eval]``; returns the exit code."""
-    ap = argparse.ArgumentParser(prog="mii quantize", description="Write a quantized checkpoint (ZeroQuant-style).")
+    """``mii quantize MODEL OUT --mode w8a16 [--group-size N] [--calibrate/--no-calibrate] [--eval]``;
+    returns the exit code."""
+    ap = argparse.ArgumentParser(prog="mii quantize", description=DESCRIPTION)
     add_arguments(ap)
     args = ap.parse_args(argv)
     try:

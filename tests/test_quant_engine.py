@@ -1,5 +1,7 @@
 """Quantized inference end to end: on the fly (``quantize=``) for every architecture, the
 offline checkpoint (``mii.quantize``), argument errors, and quality on the real default model."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -77,7 +79,7 @@ def test_quantized_tiny_model_generates_close_to_fp(arch, tiny_model_dir):
                                        ("GPT2LMHeadModel", "w8a8"), ("GPTJForCausalLM", "w8a8")])
 def test_saved_checkpoint_reloads_to_identical_outputs(arch, mode, tiny_model_dir, tmp_path, monkeypatch):
     src = tiny_model_dir(arch)
-    out = quantize_checkpoint(src, tmp_path / "q", mode, show_progress=False)
+    out = quantize_checkpoint(src, tmp_path / "q", mode, show_progress=False, calibrate=False)  # = on the fly
     assert (out / "model.safetensors").stat().st_size < 0.7 * (src / "model.safetensors").stat().st_size
     on_the_fly = engine_for(src, quantize=mode)
     prompt = on_the_fly.tokenizer.encode(PROMPT)
@@ -107,6 +109,10 @@ def test_quantize_cli_writes_a_checkpoint_and_reports_perplexity(tiny_model_dir,
                      "--eval-tokens", "64", "--quiet"]) == 0
     report = capsys.readouterr().out
     assert "fp32" in report and "w4a16" in report and "ratio" in report
+    assert json.loads((out / "config.json").read_text())["mii_quantization"]["method"] == "gptq"  # the default
+    rtn = tmp_path / "rtn"
+    assert cli_main([str(src), str(rtn), "--mode", "w4a16", "--no-calibrate", "--quiet"]) == 0
+    assert json.loads((rtn / "config.json").read_text())["mii_quantization"]["method"] == "rtn"
     assert mii.pipeline(str(out), device="cpu", show_progress=False).engine.runner.model.layers[1].mlp.down.group_size == 32
     assert cli_main([str(src), str(out), "--quiet"]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
@@ -145,13 +151,14 @@ def test_group_size_falls_back_to_a_power_of_two_dividing_the_inputs():
 
 
 # Perplexity increase over fp32 on the first 512 tokens of mii/data/eval_text.txt (the issue's
-# acceptance bounds). Measured on CPU: fp32 31.19; w8a16 31.25 (+0.19%); w8a8 32.82 (+5.2%);
-# w4a16 42.08 (+34.9%). SmolLM2-135M's fp weights are themselves dequantized from a Q4_1 GGUF.
+# acceptance bounds). SmolLM2-135M's fp weights are themselves dequantized from a Q4_1 GGUF.
+# Measured on CPU, fp32 31.19; round-to-nearest (on the fly): w8a16 +0.19%, w8a8 +5.2%, w4a16 +34.9%;
+# calibrated checkpoints (`mii quantize`, 2048 tokens of calib_text.txt): w8a8 with SmoothQuant
+# +0.09%, w4a16 with GPTQ +13.5% (+14.0% in a second run: GPTQ's choices shift with fp rounding).
 QUALITY_TOKENS = 512
-_W8A8_MISS = ("measured +5.2% (32.82 vs 31.19): per-token int8 activations lose to fixed outlier channels "
-              "of the residual stream (max/rms 12-23 per token); needs SmoothQuant-style calibration")
-_W4A16_MISS = ("measured +34.9% (42.08 vs 31.19) with symmetric round-to-nearest int4 (group 32 or MSE "
-               "clipping still +24%); needs GPTQ/AWQ-style quantization")
+_W4A16_MISS = ("measured +13.5% (35.39 vs 31.19) with GPTQ (round-to-nearest: +34.9%): symmetric int4 (-7..7, "
+               "groups of 64/128) on a model whose weights are already 4-bit; GPTQ on qkv too, act-order, "
+               "AWQ-style scaling, groups of 32 and 3.5k calibration tokens all stayed at +12% or worse")
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +166,31 @@ def fp32_perplexity(default_model_dir):
     return evaluate_perplexity(default_model_dir, max_tokens=QUALITY_TOKENS)
 
 
+@pytest.fixture(scope="module")
+def calibrated(default_model_dir, tmp_path_factory):
+    """mode -> the default model's calibrated checkpoint (made once: GPTQ takes ~30 s on 2 cores)."""
+    made: dict[str, str] = {}
+
+    def get(mode: str) -> str:
+        if mode not in made:
+            made[mode] = quantize_checkpoint(default_model_dir, tmp_path_factory.mktemp(mode) / "q", mode,
+                                             show_progress=False, calibrate=True)
+        return made[mode]
+    return get
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,max_increase", [
-    ("w8a16", 0.005),
-    pytest.param("w8a8", 0.02, marks=pytest.mark.xfail(reason=_W8A8_MISS, strict=True)),
-    pytest.param("w4a16", 0.05, marks=pytest.mark.xfail(reason=_W4A16_MISS, strict=True)),
+@pytest.mark.parametrize("mode,calibrate,max_increase", [
+    ("w8a16", False, 0.005),
+    ("w8a8", True, 0.02),
+    ("w4a16", True, 0.20),  # GPTQ must at least hold what it measured, well below round-to-nearest's +35%
+    pytest.param("w4a16", True, 0.05, marks=pytest.mark.xfail(reason=_W4A16_MISS, strict=True)),
 ])
-def test_default_model_perplexity_increase(mode, max_increase, fp32_perplexity, default_model_dir):
-    ppl = evaluate_perplexity(default_model_dir, quantize=mode, max_tokens=QUALITY_TOKENS)
+def test_default_model_perplexity_increase(mode, calibrate, max_increase, fp32_perplexity, default_model_dir,
+                                           calibrated):
+    if calibrate:
+        ppl = evaluate_perplexity(calibrated(mode), max_tokens=QUALITY_TOKENS)
+    else:  # on the fly, round-to-nearest
+        ppl = evaluate_perplexity(default_model_dir, quantize=mode, max_tokens=QUALITY_TOKENS)
     assert 20 < fp32_perplexity < 50  # the text is plain English: a sane baseline
     assert ppl / fp32_perplexity - 1 <= max_increase, f"{mode}: {ppl:.3f} vs fp32 {fp32_perplexity:.3f}"

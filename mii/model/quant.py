@@ -17,6 +17,7 @@ hidden size 576 = 9 * 64 gets groups of 64); a layer with no such divisor is a V
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -27,7 +28,7 @@ from kernels.quant_act import add_norm_quant, add_norm_quant_ref, quant_per_toke
 from kernels.quant_gemm import dequantize_ref, pack_int4, wxa16_gemm, wxa16_gemm_ref
 from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_ref
 from mii.policies.base import DEFAULT_QUANTIZABLE
-from .layers import Linear, Norm, _param
+from .layers import GatedUpLinear, Linear, Norm, QKVLinear, _param
 from .parallel import TP, all_reduce
 
 MODES = ("w8a16", "w4a16", "w8a8")
@@ -143,6 +144,7 @@ class QuantLinear(nn.Module):
         else:
             self.scales = _param(out_features, in_features // group_size, dtype=torch.float32)
         self.bias = _param(out_features, dtype=dtype) if bias else None
+        self.shard_loader: Callable[[nn.Parameter, torch.Tensor], None] | None = None  # see weight_loader
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool, kind: str | None, fuse_bias: bool,
@@ -152,25 +154,30 @@ class QuantLinear(nn.Module):
         return cls(in_features, out_features, bias, kind, fuse_bias, dtype, mode, group_size)
 
     @classmethod
-    def from_linear(cls, linear: Linear, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantLinear:
-        """Quantize an (already sliced) float linear; ``linear.weight`` can be freed afterwards."""
+    def from_linear(cls, linear: Linear, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
+                    tensors: dict[str, torch.Tensor] | None = None) -> QuantLinear:
+        """Quantize an (already sliced) float linear; ``linear.weight`` can be freed afterwards.
+        ``tensors``: ``quantize_weight``-shaped integers and scales chosen elsewhere (GPTQ)."""
         w = linear.weight
         with torch.device(w.device):
             m = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.kind,
                     linear.fuse_bias, w.dtype, mode, group_size)
         with torch.no_grad():
-            for name, t in quantize_weight(w, mode, group_size).items():
+            for name, t in (tensors or quantize_weight(w, mode, group_size)).items():
                 getattr(m, name).copy_(t)
             if linear.bias is not None:
                 m.bias.copy_(linear.bias)
         return m
 
     def weight_loader(self, param: nn.Parameter, w: torch.Tensor, shard: str | None) -> None:
-        # A quantized checkpoint holds whole fused tensors ([q;k;v], [gate;up]); re-slicing
-        # those for TP > 1 would repeat each fused layer's own loader, so quantize on the fly there.
+        # A quantized checkpoint holds whole fused tensors ([q;k;v], [gate;up]) whose rows are
+        # output channels and whose columns (packed int4 pairs, scale groups) are inputs, as
+        # in the fp weight: under TP the fp layer's own loader takes this rank's slice.
         if TP.size > 1:
-            raise ValueError("pre-quantized checkpoints load at tensor_parallel=1 only; "
-                             "for tensor parallelism load the fp checkpoint and quantize on the fly")
+            if self.shard_loader is None:
+                raise ValueError("this quantized layer was not built to load a checkpoint under tensor parallelism")
+            self.shard_loader(param, w)
+            return
         if param.shape != w.shape:
             raise ValueError(f"quantized tensor: checkpoint shape {tuple(w.shape)} does not fit {tuple(param.shape)}")
         param.data.copy_(w)
@@ -216,11 +223,16 @@ def _matches(name: str, suffixes: tuple[str, ...]) -> bool:
 
 
 def _swap_linears(model: nn.Module, mode: str, group_size: int, quantizable: tuple[str, ...], make,
-                  show_progress: bool) -> nn.Module:
+                  show_progress: bool, whole: bool = False) -> nn.Module:
     """Replace each quantizable ``Linear`` by ``make(linear, group)``; every target is checked
-    (and its group size chosen) before any is swapped, so a ValueError leaves the model as it was."""
+    (and its group size chosen) before any is swapped, so a ValueError leaves the model as it was.
+    ``whole``: choose groups by the whole layer's inputs, not this rank's (row-parallel layers)."""
     check_quant_args(mode, group_size)
-    targets = [(name, group_size_for(m.in_features, mode, group_size, name))
+
+    def inputs(m: Linear) -> int:
+        return m.in_features * (TP.size if whole and m.kind == "row" else 1)
+
+    targets = [(name, group_size_for(inputs(m), mode, group_size, name))
                for name, m in model.named_modules() if isinstance(m, Linear) and _matches(name, quantizable)]
     # names, not modules: nothing here keeps a float weight alive once its layer is swapped
     for name, group in tqdm(targets, desc=f"Quantizing ({mode})", unit="layer", disable=not show_progress):
@@ -231,23 +243,49 @@ def _swap_linears(model: nn.Module, mode: str, group_size: int, quantizable: tup
 
 
 def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
-                   quantizable: tuple[str, ...] = DEFAULT_QUANTIZABLE, show_progress: bool = False) -> nn.Module:
+                   quantizable: tuple[str, ...] = DEFAULT_QUANTIZABLE, show_progress: bool = False,
+                   weights: Callable[[Linear, int], dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """Swap every ``Linear`` whose dotted name ends with one of ``quantizable`` for a
     :class:`QuantLinear`, in place, and return the model.
 
-    Each fp weight is dropped as soon as its layer is quantized, so peak memory grows by one layer.
+    ``weights(linear, group)`` picks the integers and scales (default: round to nearest,
+    :func:`quantize_weight`; GPTQ passes its own). Each fp weight is dropped as soon as its
+    layer is quantized, so peak memory grows by one layer.
     """
-    return _swap_linears(model, mode, group_size, quantizable,
-                         lambda lin, group: QuantLinear.from_linear(lin, mode, group), show_progress)
+    def make(lin: Linear, group: int) -> QuantLinear:
+        return QuantLinear.from_linear(lin, mode, group, None if weights is None else weights(lin, group))
+    return _swap_linears(model, mode, group_size, quantizable, make, show_progress)
+
+
+def _shard_loader(lin: Linear) -> Callable[[nn.Parameter, torch.Tensor], None]:
+    """Loads a whole fused quantized tensor into this rank's ``param`` the way the fp layer
+    ``lin`` slices its weight (by heads for [q; k; v], each half by rank for [gate; up])."""
+    if isinstance(lin, GatedUpLinear):
+        def load(param: nn.Parameter, w: torch.Tensor) -> None:
+            gate, up = w.chunk(2)
+            lin.weight_loader(param, gate, "gate")
+            lin.weight_loader(param, up, "up")
+        return load
+    shard = "qkv" if isinstance(lin, QKVLinear) else None
+    return lambda param, w: lin.weight_loader(param, w, shard)
 
 
 def quantized_skeleton(model: nn.Module, mode: str, group_size: int, quantizable: tuple[str, ...]) -> nn.Module:
     """Swap the quantizable linears of a model built on ``meta`` for empty :class:`QuantLinear`
-    storage, so that a quantized checkpoint loads without any fp weight being made."""
+    storage, so that a quantized checkpoint loads without any fp weight being made.
+
+    The checkpoint was quantized whole, so a row-parallel layer keeps the whole layer's groups,
+    which must then fit this rank's inputs."""
     def empty(lin: Linear, group: int) -> QuantLinear:
-        return QuantLinear.empty(lin.in_features, lin.out_features, lin.bias is not None, lin.kind,
-                                 lin.fuse_bias, lin.weight.dtype, mode, group)
-    return _swap_linears(model, mode, group_size, quantizable, empty, False)
+        if mode != "w8a8" and lin.in_features % group:
+            raise ValueError(f"the checkpoint's groups of {group} inputs do not fit a rank's {lin.in_features} "
+                             f"inputs at tensor_parallel={TP.size}; quantize it with a smaller group size")
+        q = QuantLinear.empty(lin.in_features, lin.out_features, lin.bias is not None, lin.kind,
+                              lin.fuse_bias, lin.weight.dtype, mode, group)
+        if TP.size > 1:
+            q.shard_loader = _shard_loader(lin)  # lin lives on meta: it holds no memory
+        return q
+    return _swap_linears(model, mode, group_size, quantizable, empty, False, whole=True)
 
 
 QUANT_CONFIG_KEY = "mii_quantization"  # the config.json section written by ``mii.quantize``
