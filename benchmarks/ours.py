@@ -11,6 +11,18 @@ from mii.config import EngineConfig, SamplingParams
 from mii.engine.engine import LLMEngine
 
 
+def seconds_per_call(fn, warmup: int, iters: int) -> float:
+    """Wall time of one call of ``fn`` (device work included), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
 def make_engine(path, **kw) -> tuple[LLMEngine, float]:
     t0 = time.perf_counter()
     eng = LLMEngine(EngineConfig(model=str(path), dtype="fp16", show_progress=False, **kw))

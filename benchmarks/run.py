@@ -12,7 +12,6 @@ import datetime
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,14 +26,7 @@ def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second."""
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 20 / (time.perf_counter() - t0)
+    return 2 * x.numel() / ours.seconds_per_call(lambda: y.copy_(x), warmup=3, iters=20)
 
 
 def kv_bytes_per_step(spec, ctx: int) -> int:

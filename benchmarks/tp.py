@@ -41,14 +41,7 @@ def _ar_worker(rank: int, port: int, hidden: int, per_step: int, q) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     x = torch.randn(1, hidden, device="cuda", dtype=torch.float16)
-    for _ in range(20):
-        dist.all_reduce(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(200):
-        dist.all_reduce(x)
-    torch.cuda.synchronize()
-    eager = 1e6 * (time.perf_counter() - t0) / 200
+    eager = 1e6 * ours.seconds_per_call(lambda: dist.all_reduce(x), warmup=20, iters=200)
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
