@@ -135,7 +135,8 @@ class LLMEngine:
 
     def postprocess(self, batch: list[ScheduledSeq], tokens: list[int],
                     logprobs: list[TokenLogprob | None]) -> list[RequestOutput]:
-        """Apply one synchronously run step's tokens (from ``runner.run(batch)``)."""
+        """Apply the tokens of a step run by hand (``runner.logits(batch)`` and a choice of
+        token per sampling row), as the parity tests drive the engine."""
         return self._apply(self._advance(batch), tokens, logprobs)
 
     def _advance(self, batch: list[ScheduledSeq]) -> list[Sequence]:

@@ -143,7 +143,3 @@ class ModelRunner:
     def collect(sampled: Sampled | None) -> tuple[list[int], list[TokenLogprob | None]]:
         """Wait for a launched step: a token (and logprob) per sampling sequence, in order."""
         return sampled.host() if sampled is not None else ([], [])
-
-    def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One synchronous step."""
-        return self.collect(self.launch(batch))

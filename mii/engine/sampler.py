@@ -25,10 +25,6 @@ class Sampler:
         g.manual_seed(seed)
         return g
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Sample and wait for the tokens: :meth:`sample` then :meth:`Sampled.host`."""
-        return self.sample(logits, seqs).host()
-
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> "Sampled":
         """logits: [S, V] float32, one row per sequence that samples this step. Nothing
         here waits for the device: the tokens come back through :class:`Sampled`."""
