@@ -1,8 +1,10 @@
 """Where a bs=1 decode step's time goes, on one shape: the whole engine step against a
 bare replay of its CUDA graph (the GPU's share), and the GPU kernels of one step
-grouped by kind, from torch.profiler.
+grouped by kind, from torch.profiler. With ``--prefill N``, the kernels of an N-token
+prompt's prefill instead, per quantization mode (``--quantize``).
 
     python -m benchmarks.profile_step --model llama-1b --out DIR
+    python -m benchmarks.profile_step --model llama-7b --prefill 4096 --quantize fp16 w8a8 --out DIR
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .run import copy_bandwidth
 
 def _kind(name: str) -> str:
     n = name.lower()
-    for key, kind in (("gemv", "gemm"), ("gemm", "gemm"), ("sm90", "gemm"), ("cutlass", "gemm"), ("matmul", "gemm"),
+    for key, kind in (("gemv", "gemm"), ("w8a8", "gemm"), ("quant", "act quant"), ("dequant", "dequantize"), ("gemm", "gemm"), ("sm90", "gemm"), ("cutlass", "gemm"), ("matmul", "gemm"),
                       ("_decode_kernel", "attention"), ("_merge_kernel", "attention"), ("_prefill_kernel", "attention"),
                       ("rotary", "rotary+kv write"), ("norm", "norm"), ("act", "activation"), ("argmax", "sampling"),
                       ("reduce", "sampling"), ("copy", "copies"), ("fill", "copies"), ("index", "copies")):
@@ -58,6 +60,15 @@ def profile(name: str, root: Path) -> dict:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             eng.runner.model(ids, ctx, eng.runner.ops)
             torch.cuda.synchronize()
+    by_kind = _by_kind(prof)
+    kernels_ms = sum(v["us"] for v in by_kind.values()) / 1e3
+    bw = copy_bandwidth()
+    return {"model": name, "device": torch.cuda.get_device_name(), "weight_bytes": wb,
+            "roofline_ms": 1e3 * wb / bw, "engine_step_ms": step["ms_per_step"], "graph_replay_ms": replay_ms,
+            "kernel_sum_ms": kernels_ms, "kernels": by_kind}
+
+
+def _by_kind(prof) -> dict:
     by_kind: dict[str, list] = defaultdict(lambda: [0, 0.0])
     for ev in prof.key_averages():
         us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
@@ -65,23 +76,45 @@ def profile(name: str, root: Path) -> dict:
             k = by_kind[_kind(ev.key)]
             k[0] += ev.count
             k[1] += us
-    kernels_ms = sum(v[1] for v in by_kind.values()) / 1e3
-    bw = copy_bandwidth()
-    return {"model": name, "device": torch.cuda.get_device_name(), "weight_bytes": wb,
-            "roofline_ms": 1e3 * wb / bw, "engine_step_ms": step["ms_per_step"], "graph_replay_ms": replay_ms,
-            "kernel_sum_ms": kernels_ms, "kernels": {k: {"count": v[0], "us": round(v[1], 1)}
-                                                     for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][1])}}
+    return {k: {"count": v[0], "us": round(v[1], 1)} for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][1])}
+
+
+def profile_prefill(name: str, root: Path, n: int, modes: list[str]) -> dict:
+    """Kernels of one n-token prefill (chunked as the engine chunks it), per mode."""
+    path, model = build(name, root)
+    del model
+    torch.cuda.empty_cache()
+    out = {"model": name, "device": torch.cuda.get_device_name(), "prompt_tokens": n, "modes": {}}
+    for mode in modes:
+        eng, _ = ours.make_engine(path, quantize=None if mode == "fp16" else mode)
+        ms = ours.ttft(eng, prompt_len=n, repeats=3)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            ours.ttft(eng, prompt_len=n, repeats=1)
+        kinds = _by_kind(prof)
+        out["modes"][mode] = {"ttft_ms": ms, "kernel_sum_ms": sum(v["us"] for v in kinds.values()) / 1e3,
+                              "kernels": kinds}
+        eng.shutdown()
+        del eng
+        torch.cuda.empty_cache()
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--prefill", type=int, default=0, help="profile an N-token prefill instead of decode")
+    ap.add_argument("--quantize", nargs="+", default=["fp16"], help="modes for --prefill")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        res = profile(args.model, Path(tmp))
+        if args.prefill:
+            res = profile_prefill(args.model, Path(tmp), args.prefill, args.quantize)
+            fname = f"profile-prefill-{args.model}.json"
+        else:
+            res = profile(args.model, Path(tmp))
+            fname = f"profile-{args.model}.json"
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"profile-{args.model}.json").write_text(json.dumps(res, indent=1))
+    (Path(args.out) / fname).write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
 
 

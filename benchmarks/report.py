@@ -21,7 +21,7 @@ def _where(s: dict) -> str:
 
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
-            if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-"))]
+            if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -86,6 +86,15 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                                f"{r['w8a16']['speedup_vs_fp16']:.2f}x", cell("w4a16"),
                                f"{r['w4a16']['speedup_vs_fp16']:.2f}x"]))
         lines.append("")
+    for p in sorted(Path(results).glob("w8a8-*.json")):
+        g = json.loads(p.read_text())
+        m = g["meta"]
+        lines += [f"## W8A8 GEMMs at prefill sizes, 7B shapes ({p.stem[5:]})", "",
+                  f"{m['device']}, {m['date']}, triton {m['triton']}; `python -m benchmarks.w8a8_sweep`: "
+                  f"fp16 `F.linear` (cuBLAS) against `kernels/w8a8_gemm.py` at its default tiles.", "",
+                  _row(["linear", "M", "fp16 TFLOP/s", "W8A8 TOP/s", "speed-up"]), _row(["---"] * 5)]
+        lines += [_row([f"{r['linear']} {r['N']}x{r['K']}", r["M"], f"{r['fp16_tflops']:.0f}",
+                        f"{r['w8a8_tops']:.0f}", f"{r['speedup']:.2f}x"]) for r in g["rows"]] + [""]
     for p in sorted(Path(results).glob("tp-*.json")):
         t = json.loads(p.read_text())
         lines += [f"## Tensor parallel, {t['model']}", "", f"{t['device']}, {t['date']}, torch {t['torch']}; "
@@ -100,8 +109,21 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   + (f" replayed in a CUDA graph ({t['allreduce_eager_us']:.1f} us launched eagerly)"
                      if "allreduce_eager_us" in t else " launched eagerly") + "; 2 per layer = "
                   f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the TP=2 step.", ""]
+    for p in sorted(Path(results).glob("profile-prefill-*.json")):
+        f = json.loads(p.read_text())
+        modes = list(f["modes"])
+        kinds = list(dict.fromkeys(k for v in f["modes"].values() for k in v["kernels"]))
+        lines += [f"## Where a {f['prompt_tokens']:,}-token prefill goes, {f['model']}", "",
+                  f"{f['device']}; `python -m benchmarks.profile_step --prefill {f['prompt_tokens']}`: time to first "
+                  "token and the kernels of one prefill (chunks of 2,048 tokens), in us.", "",
+                  _row(["kernels"] + modes), _row(["---"] * (1 + len(modes))),
+                  _row(["time to first token (ms)"] + [f"{v['ttft_ms']:.1f}" for v in f["modes"].values()])]
+        lines += [_row([k] + [f["modes"][m]["kernels"].get(k, {}).get("us", "") for m in modes]) for k in kinds]
+        lines.append("")
     for p in sorted(Path(results).glob("profile-*.json")):
         f = json.loads(p.read_text())
+        if "modes" in f:
+            continue  # a prefill profile, above
         lines += [f"## Where a bs=1 decode step goes, {f['model']}", "",
                   f"{f['device']}: engine step {f['engine_step_ms']:.3f} ms; bare replay of its CUDA graph "
                   f"{f['graph_replay_ms']:.3f} ms; the kernels alone (profiled eagerly) {f['kernel_sum_ms']:.3f} ms; "
