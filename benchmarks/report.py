@@ -105,10 +105,24 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"{100 * t['first_token_agreement']:.0f}% of prompts)"
                   + (f"; first-token log-probabilities within {t['max_logprob_diff']:.1e} of TP=1's."
                      if "max_logprob_diff" in t else "."),
-                  f"- all-reduce of one token's hidden state: {t['allreduce_us']:.1f} us"
+                  *([f"- TP=2 with NCCL doing every all-reduce: {t['tp2_nccl']['bs1_ms_per_step']:.2f} ms/step "
+                     f"({t['tp2_nccl']['bs1_ms_per_step'] / t['tp1']['bs1_ms_per_step']:.2f}x); one NCCL all-reduce "
+                     f"in a graph {t['allreduce_nccl_us']:.1f} us."] if "tp2_nccl" in t else []),
+                  f"- all-reduce of one token's hidden state ({t.get('allreduce_kind', 'NCCL')}): "
+                  f"{t['allreduce_us']:.1f} us"
                   + (f" replayed in a CUDA graph ({t['allreduce_eager_us']:.1f} us launched eagerly)"
-                     if "allreduce_eager_us" in t else " launched eagerly") + "; 2 per layer = "
-                  f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the TP=2 step.", ""]
+                     if "allreduce_eager_us" in t else " launched eagerly")
+                  + ("; inside the engine's TP=2 step (profiled, waits for the slower rank included) the all-reduces take "
+                     if "tp2_profile" in t else "; 2 per layer = ")
+                  + f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the TP=2 step.", ""]
+        if "tp2_profile" in t:  # rank 0's kernels per decode step (`--profile`), TP=1 against TP=2
+            p1, p2 = t["tp1_profile"], t["tp2_profile"]
+            lines += ["Rank 0's GPU kernels per bs=1 decode step (us; torch.profiler over 32 steps, graph replays "
+                      "included):", "", _row(["kernels", "TP=1", "TP=2"]), _row(["---"] * 3),
+                      _row(["step (ms)", f"{p1['ms_per_step']:.3f}", f"{p2['ms_per_step']:.3f}"])]
+            for k in dict.fromkeys(list(p2["kernels"]) + list(p1["kernels"])):
+                lines.append(_row([k] + [f"{p['kernels'][k]['us']:.0f}" if k in p["kernels"] else "" for p in (p1, p2)]))
+            lines.append("")
     for p in sorted(Path(results).glob("profile-prefill-*.json")):
         f = json.loads(p.read_text())
         modes = list(f["modes"])

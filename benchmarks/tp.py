@@ -42,12 +42,30 @@ def _ar_worker(rank: int, port: int, hidden: int, per_step: int, q) -> None:
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     x = torch.randn(1, hidden, device="cuda", dtype=torch.float16)
     eager = 1e6 * ours.seconds_per_call(lambda: dist.all_reduce(x), warmup=20, iters=200)
+    res = {"eager_us": eager, "graphed_us": _graphed_us(lambda: dist.all_reduce(x), per_step)}
+    try:
+        from kernels.allreduce import PeerAllReduce
+        peer = PeerAllReduce(dist.group.WORLD, torch.device("cuda", rank))
+        res["peer_graphed_us"] = _graphed_us(lambda: peer(x), per_step)
+    except (RuntimeError, ValueError) as e:
+        res["peer_error"] = str(e)
+    if rank == 0:
+        q.put(res)
+    torch.cuda.synchronize()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _graphed_us(fn, per_step: int) -> float:
+    """us per call, replayed from a CUDA graph holding a decode step's worth of calls."""
+    fn()  # compile (Triton) and connect (NCCL) outside the capture
+    torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         with torch.cuda.graph(g):
             for _ in range(per_step):
-                dist.all_reduce(x)
+                fn()
     for _ in range(5):
         g.replay()
     torch.cuda.synchronize()
@@ -57,11 +75,7 @@ def _ar_worker(rank: int, port: int, hidden: int, per_step: int, q) -> None:
         g.replay()
     end.record()
     torch.cuda.synchronize()
-    graphed = 1e3 * start.elapsed_time(end) / (20 * per_step)
-    if rank == 0:
-        q.put({"eager_us": eager, "graphed_us": graphed})
-    del g
-    dist.destroy_process_group()
+    return 1e3 * start.elapsed_time(end) / (20 * per_step)
 
 
 def main() -> None:
@@ -70,6 +84,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--watchdog", type=float, default=0, help="dump all stacks and exit after this many seconds")
+    ap.add_argument("--profile", action="store_true", help="also break rank 0's decode step into kernels")
     ap.add_argument("--allreduce-only", type=Path, default=None,
                     help="keep this earlier result's engine figures; measure the all-reduce again")
     args = ap.parse_args()
@@ -91,8 +106,13 @@ def main() -> None:
     hidden, layers = kw.get("hidden_size"), kw.get("num_hidden_layers")
     ar = allreduce_us(hidden, layers)
     res["allreduce_eager_us"] = ar["eager_us"]
-    res["allreduce_us"] = ar["graphed_us"]  # as the decode graphs run them
-    res["allreduce_per_step_ms"] = 2 * layers * ar["graphed_us"] / 1e3  # attention output and MLP down
+    res["allreduce_nccl_us"] = ar["graphed_us"]
+    # as the engine's decode graphs run them: the peer-memory kernel where it was set up
+    res["allreduce_us"] = ar.get("peer_graphed_us", ar["graphed_us"])
+    res["allreduce_kind"] = "peer memory" if "peer_graphed_us" in ar else "NCCL"
+    res["allreduce_per_step_ms"] = 2 * layers * res["allreduce_us"] / 1e3  # attention output and MLP down
+    if "tp2_profile" in res:  # measured inside the engine's step: includes waiting for the slower rank
+        res["allreduce_per_step_ms"] = res["tp2_profile"]["kernels"].get("all-reduce", {"us": 0})["us"] / 1e3
     res["allreduce_fraction"] = res["allreduce_per_step_ms"] / res["tp2"]["bs1_ms_per_step"]
     _save(args, res)
     print(json.dumps(res))
@@ -108,11 +128,21 @@ def _engines(args, res: dict, say) -> None:
         greedy = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
         tokens, top5 = {}, {}
         say("model built")
-        for tp in (1, 2):
-            eng, startup = ours.make_engine(path, tensor_parallel=tp, enable_cuda_graph=not args.no_cuda_graph)
+        for tp, peer in ((1, True), (2, False), (2, True)):  # TP=2 with NCCL alone, then as shipped
+            eng, startup = ours.make_engine(path, tensor_parallel=tp, enable_cuda_graph=not args.no_cuda_graph,
+                                            custom_all_reduce=peer)
+            if not peer:
+                res["tp2_nccl"] = {"bs1_ms_per_step": ours.decode(eng, 1)["ms_per_step"]}
+                say(f"TP=2 NCCL only: {res['tp2_nccl']['bs1_ms_per_step']:.2f} ms/step")
+                eng.shutdown()
+                del eng
+                torch.cuda.empty_cache()
+                continue
             say(f"TP={tp} engine ready in {startup:.1f}s")
             ours.decode(eng, 1, new_tokens=16)
             d = ours.decode(eng, 1)
+            if args.profile:
+                res[f"tp{tp}_profile"] = _profile(eng)
             tokens[tp] = [o.token_ids for o in eng.generate(prompts, greedy)]
             first = eng.generate(prompts, SamplingParams(max_new_tokens=1, temperature=0, logprobs=5))
             top5[tp] = [dict(o.logprobs[0].top) for o in first]
@@ -128,6 +158,16 @@ def _engines(args, res: dict, say) -> None:
         res["first_token_agreement"] = sum(a[:8] == b[:8] for a, b in zip(tokens[1], tokens[2])) / len(prompts)
         # how far TP=2's first-token log-probabilities are from TP=1's (shared top-5 ids)
         res["max_logprob_diff"] = max(abs(a[t] - b[t]) for a, b in zip(top5[1], top5[2]) for t in a if t in b)
+
+
+def _profile(eng, steps: int = 32) -> dict:
+    """Rank 0's GPU kernels over `steps` bs=1 decode steps (graph replays included), per step."""
+    from .profile_step import _by_kind
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        d = ours.decode(eng, 1, new_tokens=steps + 1)
+    kinds = {k: {"count": v["count"] / steps, "us": v["us"] / steps} for k, v in _by_kind(prof).items()}
+    return {"ms_per_step": d["ms_per_step"], "kernel_ms_per_step": sum(v["us"] for v in kinds.values()) / 1e3,
+            "kernels": kinds}
 
 
 def _save(args, res: dict) -> None:

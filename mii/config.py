@@ -46,6 +46,9 @@ class EngineConfig:
     quantize: None or one of QUANT_MODES: ZeroQuant-style weight (and activation) quantization.
     quant_group_size: input channels sharing one scale (falls back per layer to a divisor).
     enable_cuda_graph: capture decode and mixed prefill+decode steps on CUDA.
+    custom_all_reduce: with tensor_parallel on GPUs of one host, all-reduce decode-sized
+        messages with a one-shot kernel over peer memory (kernels/allreduce.py) rather
+        than NCCL; False keeps NCCL for everything.
     async_scheduling: schedule and launch step N+1 before step N's tokens reach the host,
         so host work (scheduling, input packing, detokenizing) overlaps the GPU's.
     seed: seed for unseeded sampling.
@@ -65,6 +68,7 @@ class EngineConfig:
     quantize: str | None = None
     quant_group_size: int = 128
     enable_cuda_graph: bool = True
+    custom_all_reduce: bool = True
     async_scheduling: bool = True
     trust_remote_code: bool = False
     seed: int = 0

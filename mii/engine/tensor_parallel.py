@@ -69,17 +69,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_group(rank: int, world: int, init_method: str, device: torch.device) -> None:
+def _init_group(rank: int, world: int, init_method: str, device: torch.device, peer_memory: bool) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=_TIMEOUT)
-    _set_groups(rank, world)
+    _set_groups(rank, world, device, peer_memory)
 
 
-def _set_groups(rank: int, world: int) -> None:
+def _set_groups(rank: int, world: int, device: torch.device, peer_memory: bool) -> None:
+    """The model's group, its gloo twin for step inputs, and, when asked and every rank is
+    a GPU of this host, the peer-memory all-reduce (else NCCL does all of it)."""
     cpu = dist.new_group(backend="gloo", timeout=_TIMEOUT) if dist.get_backend() != "gloo" else dist.group.WORLD
-    set_tensor_parallel(rank, world, dist.group.WORLD, cpu)
+    peer = None
+    if peer_memory and device.type == "cuda":
+        from kernels.allreduce import PeerAllReduce
+        try:
+            peer = PeerAllReduce(dist.group.WORLD, device)
+        except (RuntimeError, ValueError) as e:  # no P2P between these GPUs, or no symm-mem support
+            log.warning("peer-memory all-reduce unavailable, NCCL does all reduces: %s", e)
+    set_tensor_parallel(rank, world, dist.group.WORLD, cpu, peer)
 
 
 class RankFailure(RuntimeError):
@@ -153,6 +162,7 @@ def _leave_group(runner: ModelRunner) -> None:
     # Captured graphs hold NCCL work; destroying the group under them hung on 2x H200
     # (seen 2026-11-22), so drop them first.
     runner.graphs = None
+    TP.peer_all_reduce = None
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     if dist.is_initialized():
@@ -162,7 +172,7 @@ def _leave_group(runner: ModelRunner) -> None:
 def _worker(rank: int, config: EngineConfig, spec: ModelSpec, path: str, dtype: torch.dtype,
             init_method: str) -> None:
     device = rank_device(config, rank)
-    _init_group(rank, config.tensor_parallel, init_method, device)
+    _init_group(rank, config.tensor_parallel, init_method, device, config.custom_all_reduce)
     runner = TPModelRunner(config.replace(show_progress=False), spec, path, device, dtype, set())
     runner.serve_forever()
     _leave_group(runner)
@@ -180,7 +190,9 @@ def join_launched(config: EngineConfig, spec: ModelSpec, path: str, dtype: torch
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method="env://", timeout=_TIMEOUT)
-    _set_groups(env["RANK"], env["WORLD_SIZE"])
+    # peer memory only when every rank is on this host
+    one_host = env.get("LOCAL_WORLD_SIZE", 1) == env["WORLD_SIZE"]
+    _set_groups(env["RANK"], env["WORLD_SIZE"], device, config.custom_all_reduce and one_host)
     runner = TPModelRunner(config, spec, path, device, dtype, eos_token_ids)
     if env["RANK"] != 0:
         runner.serve_forever()
@@ -206,7 +218,7 @@ def start_tensor_parallel(config: EngineConfig, spec: ModelSpec, path: str, dtyp
     for p in procs:
         p.start()
     try:
-        _init_group(0, tp, init_method, device)
+        _init_group(0, tp, init_method, device, config.custom_all_reduce)
         runner = TPModelRunner.__new__(TPModelRunner)
         runner.procs = procs
         ModelRunner.__init__(runner, config, spec, path, device, dtype, eos_token_ids)

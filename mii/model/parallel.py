@@ -18,19 +18,25 @@ class TPState:
     size: int = 1
     group: object | None = None      # the collectives on the model's tensors (NCCL on CUDA)
     cpu_group: object | None = None  # gloo: step inputs from rank 0's host to the others'
+    peer_all_reduce: object | None = None  # kernels.allreduce.PeerAllReduce for small messages
 
 
 TP = TPState()
 
 
-def set_tensor_parallel(rank: int, size: int, group=None, cpu_group=None) -> None:
+def set_tensor_parallel(rank: int, size: int, group=None, cpu_group=None, peer_all_reduce=None) -> None:
     if not 0 <= rank < size:
         raise ValueError(f"tensor-parallel rank {rank} is outside world size {size}")
     TP.rank, TP.size, TP.group, TP.cpu_group = rank, size, group, cpu_group
+    TP.peer_all_reduce = peer_all_reduce
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """In place. Small messages (decode) take the one-shot peer-memory kernel where it was
+    set up; the choice depends on shape and dtype only, so every rank makes the same one."""
     if TP.size > 1:
+        if TP.peer_all_reduce is not None and TP.peer_all_reduce.fits(x):
+            return TP.peer_all_reduce(x)
         dist.all_reduce(x, group=TP.group)
     return x
 
