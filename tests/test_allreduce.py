@@ -12,6 +12,20 @@ import torch
 import torch.multiprocessing as mp
 
 
+def _run_ranks(world: int, target, args: tuple, timeout: float) -> None:
+    """One spawned process per rank; a hang (a flag never raised) fails rather than blocks."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung and all(p.exitcode == 0 for p in procs), f"ranks hung or failed: {[p.exitcode for p in procs]}"
+
+
 def _interpreted_rank(r, world, n, block, xs, bufs_t, pads_t, outs):
     os.environ["TRITON_INTERPRET"] = "1"  # a fresh spawned process: before triton loads
     from kernels.allreduce import SLOT0, _one_shot_kernel
@@ -35,17 +49,7 @@ def test_one_shot_all_reduce_interpreted(world, dtype):
     bufs = [torch.zeros(n * 4, dtype=torch.uint8).share_memory_() for _ in range(world)]
     pads = [torch.zeros(4096, dtype=torch.int32).share_memory_() for _ in range(world)]
     outs = [torch.zeros(calls, n, dtype=dtype).share_memory_() for _ in range(world)]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_interpreted_rank, args=(r, world, n, block, xs, bufs, pads, outs))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    _run_ranks(world, _interpreted_rank, (world, n, block, xs, bufs, pads, outs), timeout=240)
     for call in range(calls):
         want = sum((x * (call + 1)).float() for x in xs).to(dtype)  # fp32, rank order
         for r in range(world):
@@ -93,17 +97,7 @@ def _gpu_rank(r, world, port, q):
 def test_peer_all_reduce_matches_nccl():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    port = 29000 + os.getpid() % 1000
-    procs = [ctx.Process(target=_gpu_rank, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, "peer all-reduce hung"
+    q = mp.get_context("spawn").SimpleQueue()
+    _run_ranks(2, _gpu_rank, (2, 29000 + os.getpid() % 1000, q), timeout=180)
     results = dict(q.get() for _ in range(2))
     assert all(results[0]) and all(results[1]), results
