@@ -2,11 +2,12 @@
 
 Two Triton kernels share one inner step (`_attend_tile`), both reading K/V straight from
 the paged cache through the block table:
-- a split-K ("flash-decoding") kernel for steps where every sequence brings one query:
-  each program takes the query heads of one KV head over one slice of the context, so
-  long contexts at small batch still fill the GPU; `_merge_kernel` combines the slices;
+- the split-K ("flash-decoding") kernel of decode_attention.py for the sequences that
+  bring one query; it merges its context slices itself;
 - a flash-attention kernel for packed prefill chunks, mixed with decodes or not.
 The wrapper picks one from shapes alone (no device sync), so it can be graph-captured.
+Pure decode steps in the model skip `rotary_cache` and this wrapper: `decode_attention`
+does rotary, the KV write and attention in one launch (reference: `decode_attention_ref`).
 """
 from __future__ import annotations
 
@@ -15,118 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, slopes, qk_scale, window,
-                 block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
-                 HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One online-softmax step over keys [start, start + BLOCK_N) within [lo, hi).
-
-    Scores are kept in log2 units (qk_scale and slopes carry the log2(e) factor). With
-    MASKED False the caller vouches that every query row may see every key of the tile.
-    """
-    kpos = start + tl.arange(0, BLOCK_N)
-    kmask = (kpos >= lo) & (kpos < hi)
-    if MASKED:
-        blk = tl.load(bt_row + kpos // block_size, mask=kmask, other=0).to(tl.int64)
-        kv_mask = kmask[:, None] & dmask[None, :]
-    else:
-        blk = tl.load(bt_row + kpos // block_size).to(tl.int64)
-        kv_mask = dmask[None, :]
-    slot = kpos % block_size
-    k = tl.load(k_base + (blk * skc_b + slot * skc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    if HAS_ALIBI:  # BLOOM: slope * key position
-        s += slopes[:, None] * kpos[None, :].to(tl.float32)
-    if MASKED:
-        allowed = kmask[None, :] & (kpos[None, :] <= qpos[:, None])
-        if HAS_WINDOW:
-            allowed &= kpos[None, :] > qpos[:, None] - window
-        s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    v = tl.load(v_base + (blk * svc_b + slot * svc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr, slopes_ptr, o_ptr, po_ptr, plse_ptr,
-                   qk_scale, window, H, G, D, block_size, split_size,
-                   sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, s_bt, so_t, so_h,
-                   NUM_SPLITS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MIXED: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (B, Hkv, NUM_SPLITS). The G query heads of a KV head share the program, so each
-    K/V tile is read once per group (GQA), over one slice of the context. MIXED: some
-    sequences bring more than one query; those are left to _prefill_kernel."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    sp = tl.program_id(2)
-    ctx = tl.load(ctx_ptr + b)
-    row = tl.load(cu_ptr + b).to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
-    heads = kvh * G + g
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    n_heads = G
-    if MIXED:  # a longer chunk: no live heads here
-        n_heads = tl.where(tl.load(cu_ptr + b + 1) - row == 1, G, 0)
-    live = g < n_heads
-    mask = live[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + row * sq_t + heads[:, None] * sq_h + d[None, :], mask=mask, other=0.0)
-    qpos = tl.zeros([BLOCK_G], tl.int32) + ctx - 1
-    slopes = tl.zeros([BLOCK_G], tl.float32)
-    if HAS_ALIBI:
-        slopes = tl.load(slopes_ptr + heads, mask=g < G, other=0.0).to(tl.float32) * 1.4426950408889634
-    lo = sp * split_size
-    hi = tl.minimum(lo + split_size, ctx)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, ctx - window)
-    if MIXED:
-        hi = tl.where(n_heads > 0, hi, lo)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * s_bt
-    for start in range(lo, hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptr + kvh * skc_h, vc_ptr + kvh * svc_h, bt_row,
-                                     start, qpos, lo, hi, slopes, qk_scale, window, block_size,
-                                     skc_b, skc_s, svc_b, svc_s, d, dmask, HAS_ALIBI, HAS_WINDOW, True, BLOCK_N)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # nothing allowed in this slice: output 0, weight 0
-    out = acc / l_safe[:, None]
-    if NUM_SPLITS == 1:
-        tl.store(o_ptr + row * so_t + heads[:, None] * so_h + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
-    else:  # this slice's output and log2-sum-exp, for _merge_kernel
-        part = (b * H + heads).to(tl.int64) * NUM_SPLITS + sp
-        tl.store(po_ptr + part[:, None] * BLOCK_D + d[None, :], out, mask=mask)
-        tl.store(plse_ptr + part, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=live)
-
-
-@triton.jit
-def _merge_kernel(po_ptr, plse_ptr, cu_ptr, o_ptr, H, D, so_t, so_h,
-                  NUM_SPLITS: tl.constexpr, MIXED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (B, H): weight each slice by its share of the softmax mass."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    part = (b * H + h).to(tl.int64) * NUM_SPLITS + s
-    lse = tl.load(plse_ptr + part, mask=s < NUM_SPLITS, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    o = tl.load(po_ptr + part[:, None] * BLOCK_D + d[None, :], mask=(s < NUM_SPLITS)[:, None] & (d < D)[None, :], other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(total == 0.0, 1.0, total)
-    row = tl.load(cu_ptr + b).to(tl.int64)
-    n_dims = D
-    if MIXED:
-        n_dims = tl.where(tl.load(cu_ptr + b + 1) - row == 1, D, 0)
-    tl.store(o_ptr + row * so_t + h * so_h + d, out.to(o_ptr.dtype.element_ty), mask=d < n_dims)
-
+from .decode_attention import LOG2E, _attend_tile, _decode
+from .rotary import rotary_cache_ref
 
 @triton.jit
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr, slopes_ptr, o_ptr,
@@ -188,57 +79,18 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr, slopes_ptr, 
                  out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few programs, still several slices per sequence
-
-
-def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, alibi_slopes,
-            sliding_window, out, num_splits: int | None = None, block_n: int = 64,
-            num_warps: int = 4, num_stages: int = 2, mixed: bool = False) -> None:
-    """The sequences with q_len 1 (all of them unless `mixed`). The context is sliced by the
-    block table's width, an upper bound known without a sync; slices past a sequence's end
-    return at once."""
-    B, H, D = block_tables.shape[0], q.shape[1], q.shape[2]
-    Hkv, block_size = k_cache.shape[2], k_cache.shape[1]
-    G = H // Hkv
-    tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)
-    if num_splits is None:  # enough programs to fill the GPU twice over
-        num_splits = triton.cdiv(2 * _num_sms(q.device), B * Hkv)
-    num_splits = max(1, min(num_splits, tiles))
-    split_size = triton.cdiv(tiles, num_splits) * block_n
-    num_splits = triton.cdiv(tiles * block_n, split_size)
-    BLOCK_D = triton.next_power_of_2(D)
-    po = plse = out  # unused with one split
-    if num_splits > 1:
-        po = torch.empty(B * H * num_splits, BLOCK_D, dtype=torch.float32, device=q.device)
-        plse = torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device)
-    _decode_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
-        q if alibi_slopes is None else alibi_slopes, out, po, plse,
-        scale * LOG2E, sliding_window or 0, H, G, D, block_size, split_size,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=sliding_window is not None,
-        MIXED=mixed, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=BLOCK_D,
-        num_warps=num_warps, num_stages=num_stages)
-    if num_splits > 1:
-        _merge_kernel[(B, H)](po, plse, cu_seqlens_q, out, H, D, out.stride(0), out.stride(1),
-                              NUM_SPLITS=num_splits, MIXED=mixed, BLOCK_S=triton.next_power_of_2(num_splits),
-                              BLOCK_D=BLOCK_D, num_warps=4)
-
-
 def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, alibi_slopes,
              sliding_window, out, block_m: int | None = None, block_n: int | None = None,
-             num_warps: int | None = None, num_stages: int = 2, skip_decodes: bool = False) -> None:
+             num_warps: int | None = None, num_stages: int | None = None, skip_decodes: bool = False) -> None:
     """Query tiles of every sequence, or of those with q_len > 1 when `skip_decodes`."""
     T, H, D = q.shape
     B = block_tables.shape[0]
     BLOCK_D = triton.next_power_of_2(D)
-    if block_m is None:  # H100, T=4096, d 128: 572 us at 128/64/8 warps, 601 at 64/64/4 (SDPA: 267)
-        block_m, block_n, num_warps = (128, 64, 8) if BLOCK_D <= 128 else (64, 32, 4)
+    if block_m is None:
+        # H100, 32 heads of 128, the two 2,048-query chunks of a 4k prompt (benchmarks.attn_sweep):
+        # 128x128 tiles, 8 warps, 3 stages took 181 + 413 us, against 199 + 467 at 128x64 x 2 stages
+        block_m, block_n, num_warps, num_stages = (128, 128, 8, 3) if BLOCK_D <= 128 else (64, 32, 4, 2)
+    num_stages = num_stages or 2
     _prefill_kernel[(T // block_m + B, H)](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
         q if alibi_slopes is None else alibi_slopes, out,
@@ -351,3 +203,32 @@ def paged_attention_ref(
                     q_lens[b:b + 1], ctx[b:b + 1], scale, alibi_slopes, sliding_window)
         out[s:e] = o[0]
     return out
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    rotary_dim: int,
+    interleaved: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """A decode step's attention: :func:`rotary_cache_ref` then :func:`paged_attention_ref`,
+    for B sequences bringing one token each (q, k, v: [B, heads, D], row b for sequence b;
+    the other arguments as there). Returns [B, H, D].
+    """
+    B = block_tables.shape[0]
+    if q.shape[0] != B:
+        raise ValueError(f"decode attention takes one token per sequence: {q.shape[0]} tokens, {B} sequences")
+    q = rotary_cache_ref(q, k, v, positions, cos_sin, rotary_dim, interleaved, k_cache, v_cache, slot_mapping)
+    cu = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, cu, context_lens, scale, alibi_slopes, sliding_window)

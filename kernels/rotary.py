@@ -7,7 +7,34 @@ import triton.language as tl
 
 
 @triton.jit
+def _rotary_lanes(pos_ptr, t, cs_ptr, s_cs, R, BLOCK_D: tl.constexpr, ROTATE: tl.constexpr,
+                  INTERLEAVED: tl.constexpr):
+    """For each head-dim lane, at token t's position: cos, sin, whether the lane is the first
+    of its pair (it takes -sin * partner), its partner lane, and whether it rotates at all.
+    Shared with the fused decode-attention kernel (kernels/decode_attention.py)."""
+    d = tl.arange(0, BLOCK_D)
+    in_rot = d < R
+    if INTERLEAVED:  # GPT-J: pairs (x0, x1), (x2, x3), ...
+        first = d % 2 == 0
+        pair = d ^ 1
+        c = d // 2
+    else:  # NeoX / Llama: first half with second half
+        half = R // 2
+        first = d < half
+        pair = tl.where(first, d + half, d - half)
+        c = tl.where(first, d, d - half)
+    cos = tl.zeros([BLOCK_D], tl.float32)
+    sin = tl.zeros([BLOCK_D], tl.float32)
+    if ROTATE:
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        cos = tl.load(cs_ptr + pos * s_cs + c, mask=in_rot, other=0.0).to(tl.float32)
+        sin = tl.load(cs_ptr + pos * s_cs + R // 2 + c, mask=in_rot, other=0.0).to(tl.float32)
+    return cos, sin, first, pair, in_rot
+
+
+@triton.jit
 def _rotate_tile(x_ptrs, pair_ptrs, mask, cos, sin, first, in_rot, ROTATE: tl.constexpr):
+    """Load x and rotate its rotary lanes; rounded to x's dtype, as the reference stores it."""
     x = tl.load(x_ptrs, mask=mask, other=0.0)
     if ROTATE:
         xf = x.to(tl.float32)
@@ -29,25 +56,8 @@ def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, pos_ptr, cs_ptr, kc_ptr, v
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
-    in_rot = d < R
-    if INTERLEAVED:  # GPT-J: pairs (x0, x1), (x2, x3), ...
-        first = d % 2 == 0
-        pair = d ^ 1
-        c = d // 2
-    else:  # NeoX / Llama: first half with second half
-        half = R // 2
-        first = d < half
-        pair = tl.where(first, d + half, d - half)
-        c = tl.where(first, d, d - half)
-    cos = 0.0
-    sin = 0.0
-    if ROTATE:
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        cos = tl.load(cs_ptr + pos * s_cs + c, mask=in_rot, other=0.0).to(tl.float32)[None, :]
-        sin = tl.load(cs_ptr + pos * s_cs + R // 2 + c, mask=in_rot, other=0.0).to(tl.float32)[None, :]
-    first = first[None, :]
-    pair = pair[None, :]
-    in_rot = in_rot[None, :]
+    cos, sin, first, pair, in_rot = _rotary_lanes(pos_ptr, t, cs_ptr, s_cs, R, BLOCK_D, ROTATE, INTERLEAVED)
+    cos, sin, first, pair, in_rot = cos[None, :], sin[None, :], first[None, :], pair[None, :], in_rot[None, :]
     if hb < Q_BLOCKS:
         h = hb * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
         mask = (h < H) & (d[None, :] < D)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kernels.activation import bias_act, bias_act_ref
-from kernels.attention import _decode, _prefill, paged_attention, paged_attention_ref
+from kernels.attention import _prefill, decode_attention_ref, paged_attention, paged_attention_ref
+from kernels.decode_attention import _COUNTERS, decode_attention
 from kernels.norm import add_norm, add_norm_ref
 from kernels.rotary import rotary_cache, rotary_cache_ref
 from kernels.sampling import sample, sample_ref
@@ -113,6 +114,83 @@ def test_decode_attention_alibi_window(dtype):
         _check_attn(paged_attention(*args), paged_attention_ref(*args), dtype)
 
 
+def _rope(rotary_dim: int, n: int = 8192) -> torch.Tensor | None:
+    if not rotary_dim:
+        return None
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, device="cuda").float() / rotary_dim)
+    freqs = torch.outer(torch.arange(n, device="cuda").float(), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def _decode_step(ctx_lens, pad, H, Hkv, D, dtype, block_size=16):
+    """A pure decode step: q, k, v as views of one qkv projection, and the slot of each
+    sequence's newest position, -1 for the padding rows, whose newest slots hold NaN."""
+    B = len(ctx_lens)
+    _, kc, vc, tables, _, ctx, _ = _paged_inputs([1] * B, ctx_lens, H, Hkv, D, dtype, block_size)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, dtype=dtype, device="cuda") * 2
+    q, k, v = (t.view(B, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+    last = ctx.long() - 1
+    slots = tables.long().gather(1, (last // block_size)[:, None])[:, 0] * block_size + last % block_size
+    for cache in (kc, vc):
+        cache.view(-1, Hkv, D)[slots[pad]] = float("nan")
+    slots[pad] = -1
+    return qkv, (q, k, v, last), kc, vc, slots, tables, ctx
+
+
+def _check_decode_step(out, ref, kc, kc_ref, vc, vc_ref, slots, dtype):
+    live = slots >= 0
+    assert torch.isfinite(out).all()  # padding rows too: nothing read from their NaN slots
+    _check_attn(out[live], ref[live], dtype)
+    torch.testing.assert_close(kc, kc_ref, atol=TOL[dtype], rtol=TOL[dtype], equal_nan=True)
+    torch.testing.assert_close(vc, vc_ref, atol=0, rtol=0, equal_nan=True)
+    assert not _COUNTERS.get(out.device, torch.zeros(1)).any()  # each launch leaves the merge counters at zero
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 5, 64])  # 33, 7 and 1 context slices for 8 KV heads on an H100
+@pytest.mark.parametrize("H,Hkv,D,rotary_dim,interleaved,alibi,window", [
+    (32, 8, 128, 128, False, False, None),  # Llama 3
+    (32, 32, 128, 128, False, False, 1000),  # MHA with a sliding window
+    (16, 16, 256, 64, True, False, None),  # GPT-J
+    (32, 32, 80, 32, False, False, None),  # NeoX: partial rotary
+    (32, 32, 128, 0, False, True, None),  # BLOOM: ALiBi, only the KV write is fused
+])
+def test_fused_decode_attention(dtype, B, H, Hkv, D, rotary_dim, interleaved, alibi, window):
+    """Rotary, KV write and attention in one kernel, contexts up to 4096, some padding rows."""
+    ctx_lens = torch.randint(1, 4097, (B,)).tolist()
+    ctx_lens[0] = 4096
+    pad = [i for i in (1, 17) if i < B]
+    _, (q, k, v, positions), kc, vc, slots, tables, ctx = _decode_step(ctx_lens, pad, H, Hkv, D, dtype)
+    slopes = torch.rand(H, device="cuda") * 0.1 if alibi else None
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    args = (q, k, v, positions, _rope(rotary_dim), rotary_dim, interleaved)
+    out = decode_attention(*args, kc, vc, slots, tables, ctx, D ** -0.5, slopes, window)
+    ref = decode_attention_ref(*args, kc_ref, vc_ref, slots, tables, ctx, D ** -0.5, slopes, window)
+    _check_decode_step(out, ref, kc, kc_ref, vc, vc_ref, slots, dtype)
+
+
+def test_fused_decode_attention_graph():
+    """Captured once, replayed on new contexts: the counters are clean for every replay."""
+    dtype, B, H, Hkv, D = torch.float16, 3, 32, 8, 128
+    qkv, (q, k, v, positions), kc, vc, slots, tables, ctx = _decode_step([4096] * B, [], H, Hkv, D, dtype)
+    rope = _rope(D)
+    fn = lambda: decode_attention(q, k, v, positions, rope, D, False, kc, vc, slots, tables, ctx, 0.09)  # noqa: E731
+    fn()  # compiles, and sizes the counters outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    for _ in range(3):
+        ctx.copy_(torch.randint(1, 4097, (B,), device="cuda", dtype=torch.int32))
+        positions.copy_(ctx.long() - 1)
+        slots.copy_(tables.long().gather(1, (positions // 16)[:, None])[:, 0] * 16 + positions % 16)
+        qkv.normal_()
+        kc_ref, vc_ref = kc.clone(), vc.clone()
+        g.replay()
+        ref = decode_attention_ref(q, k, v, positions, rope, D, False, kc_ref, vc_ref, slots, tables, ctx, 0.09)
+        _check_decode_step(out, ref, kc, kc_ref, vc, vc_ref, slots, dtype)
+
+
 def test_sample():
     S, V = 64, 128256
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -147,6 +225,18 @@ def _bench():
         name = f"decode B{B} ctx{ctx_len} 32/8 d128"
         rows.append((name + " ref", do_bench(lambda: paged_attention_ref(*args), return_mode="median"), kv_bytes, None))
         rows.append((name + " triton", do_bench(lambda: paged_attention(*args), return_mode="median"), kv_bytes, err))
+    for B, ctx_len, Hkv in ((1, 192, 32), (1, 4096, 8), (64, 4096, 8)):  # decode: fused vs two launches
+        _, (q, k, v, pos), kc, vc, slots, tables, ctx = _decode_step([ctx_len] * B, [], 32, Hkv, 128, torch.float16)
+        args = (q, k, v, pos, _rope(128), 128, False)
+        name = f"decode B{B} ctx{ctx_len} 32/{Hkv} d128 rope"
+        ref = decode_attention_ref(*args, kc, vc, slots, tables, ctx, 128 ** -0.5)
+        err = rel(decode_attention(*args, kc, vc, slots, tables, ctx, 128 ** -0.5), ref)
+        kv_bytes = 2 * B * ctx_len * Hkv * 128 * 2
+        cu, scale = torch.arange(B + 1, dtype=torch.int32, device="cuda"), 128 ** -0.5
+        two = lambda: paged_attention(rotary_cache(*args, kc, vc, slots), kc, vc, tables, cu, ctx, scale)  # noqa: E731
+        one = lambda: decode_attention(*args, kc, vc, slots, tables, ctx, scale)  # noqa: E731
+        rows.append((name + " rotary_cache+attn", do_bench(two, return_mode="median"), kv_bytes, None))
+        rows.append((name + " fused", do_bench(one, return_mode="median"), kv_bytes, err))
     q, kc, vc, tables, cu, ctx, _ = _paged_inputs([4096], [4096], 32, 8, 128, torch.float16)
     args = (q, kc, vc, tables, cu, ctx, 128 ** -0.5)
     ref = paged_attention_ref(*args)

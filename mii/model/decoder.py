@@ -45,12 +45,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: BatchContext, ops: Ops, cos_sin, alibi) -> torch.Tensor:
         qkv = self.qkv(x)  # x may be an int8 activation (W8A8), so the shape comes from qkv
         T, D = qkv.shape[0], self.head_dim
-        q, k, v = qkv.split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
-        q = ops.rotary_cache(q.view(T, self.heads, D), k.view(T, self.kv_heads, D), v.view(T, self.kv_heads, D),
-                             ctx.positions, cos_sin, self.rotary_dim, self.interleaved,
-                             self.k_cache, self.v_cache, ctx.slot_mapping)
-        o = ops.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
-                                ctx.context_lens, self.scale, alibi, self.window)
+        sizes = [self.heads * D, self.kv_heads * D, self.kv_heads * D]
+        q, k, v = (t.view(T, -1, D) for t in qkv.split(sizes, dim=-1))
+        cache_args = (ctx.positions, cos_sin, self.rotary_dim, self.interleaved,
+                      self.k_cache, self.v_cache, ctx.slot_mapping)
+        if T == ctx.cu_seqlens_q.shape[0] - 1:  # one token per sequence, known from shapes: one fused kernel
+            o = ops.decode_attention(q, k, v, *cache_args, ctx.block_tables, ctx.context_lens, self.scale, alibi,
+                                     self.window)
+        else:
+            q = ops.rotary_cache(q, k, v, *cache_args)
+            o = ops.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
+                                    ctx.context_lens, self.scale, alibi, self.window)
         return self.o(o.reshape(T, self.heads * D))
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from kernels.activation import bias_act_ref
-from kernels.attention import paged_attention_ref
+from kernels.attention import decode_attention_ref, paged_attention_ref
 from kernels.norm import add_norm_ref
 from kernels.rotary import rotary_cache_ref
 from kernels.sampling import sample_ref
@@ -26,11 +26,13 @@ class Ops:
     bias_act: Callable
     rotary_cache: Callable
     paged_attention: Callable
+    decode_attention: Callable  # rotary_cache + paged_attention for steps of one token per sequence
     sample: Callable
     backend: str
 
 
-REFERENCE = Ops(add_norm_ref, bias_act_ref, rotary_cache_ref, paged_attention_ref, sample_ref, "torch")
+REFERENCE = Ops(add_norm_ref, bias_act_ref, rotary_cache_ref, paged_attention_ref, decode_attention_ref, sample_ref,
+                "torch")
 
 # op name -> (module, function) of its Triton implementation, for CUDA.
 _TRITON = {
@@ -38,6 +40,7 @@ _TRITON = {
     "bias_act": ("kernels.activation", "bias_act"),
     "rotary_cache": ("kernels.rotary", "rotary_cache"),
     "paged_attention": ("kernels.attention", "paged_attention"),
+    "decode_attention": ("kernels.decode_attention", "decode_attention"),
     "sample": ("kernels.sampling", "sample"),
 }
 

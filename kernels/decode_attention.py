@@ -1,0 +1,288 @@
+"""Split-K ("flash-decoding") attention for sequences with one query, over the paged KV cache.
+
+Each program takes the query heads of one KV head over one slice of the context, so long
+contexts at small batch still fill the GPU. The last program to finish for a (sequence,
+KV head) merges the slices' partial outputs, so a step needs no separate merge kernel.
+
+For pure decode steps the same kernel also takes over ``rotary_cache``'s work
+(:func:`decode_attention`): each program rotates its own q heads, and the program whose
+slice holds the newest key rotates that key, writes it and its value to the cache, and
+attends to them from registers. No program reads a cache slot that another program of
+the launch writes, so there is no ordering to get wrong.
+
+``_attend_tile``, the online-softmax step, is shared with the prefill kernel in
+attention.py, which also holds this file's reference (:func:`decode_attention_ref`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rotary import _rotary_lanes, _rotate_tile
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, slopes, qk_scale, window,
+                 block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
+                 HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One online-softmax step over keys [start, start + BLOCK_N) within [lo, hi).
+
+    Scores are kept in log2 units (qk_scale and slopes carry the log2(e) factor). With
+    MASKED False the caller vouches that every query row may see every key of the tile.
+    """
+    kpos = start + tl.arange(0, BLOCK_N)
+    kmask = (kpos >= lo) & (kpos < hi)
+    if MASKED:
+        blk = tl.load(bt_row + kpos // block_size, mask=kmask, other=0).to(tl.int64)
+        kv_mask = kmask[:, None] & dmask[None, :]
+    else:
+        blk = tl.load(bt_row + kpos // block_size).to(tl.int64)
+        kv_mask = dmask[None, :]
+    slot = kpos % block_size
+    k = tl.load(k_base + (blk * skc_b + slot * skc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if HAS_ALIBI:  # BLOOM: slope * key position
+        s += slopes[:, None] * kpos[None, :].to(tl.float32)
+    if MASKED:
+        allowed = kmask[None, :] & (kpos[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            allowed &= kpos[None, :] > qpos[:, None] - window
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    v = tl.load(v_base + (blk * svc_b + slot * svc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _merge_splits(po_ptr, plse_ptr, base, G, g, d, mask, live, NUM_SPLITS: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Weight each slice's output by its share of the softmax mass. The partials were
+    written by other programs, maybe on other SMs: .cg reads them from L2, past L1."""
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    for s in range(NUM_SPLITS):
+        part = base + s * G + g
+        lse = tl.load(plse_ptr + part, mask=live, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(po_ptr + part[:, None] * BLOCK_D + d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        total = total * alpha + w
+        m = m_new
+    return acc / tl.where(total == 0.0, 1.0, total)[:, None]
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, ctx_ptr,
+                   slopes_ptr, o_ptr, po_ptr, plse_ptr, cnt_ptr,
+                   qk_scale, window, G, D, R, block_size, split_size,
+                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, s_cs, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+                   s_bt, so_t, so_h,
+                   NUM_SPLITS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MIXED: tl.constexpr,
+                   NEW_KV: tl.constexpr, ROTATE: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B, Hkv, NUM_SPLITS). The G query heads of a KV head share the program, so each
+    K/V tile is read once per group (GQA). MIXED: some sequences bring more than one query;
+    those are left to _prefill_kernel. NEW_KV: q, k, v come straight from the qkv projection
+    (one token per sequence); rotate them here and write k, v to the cache."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    row = b.to(tl.int64)  # without MIXED, sequence b's one query is row b
+    g = tl.arange(0, BLOCK_G)
+    heads = kvh * G + g
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    n_heads = G
+    if MIXED:  # a longer chunk: no live heads here
+        row = tl.load(cu_ptr + b).to(tl.int64)
+        n_heads = tl.where(tl.load(cu_ptr + b + 1) - row == 1, G, 0)
+    live = g < n_heads
+    mask = live[:, None] & dmask[None, :]
+    cos, sin, first, pair, in_rot = _rotary_lanes(pos_ptr, row, cs_ptr, s_cs, R, BLOCK_D, ROTATE, INTERLEAVED)
+    q_row = q_ptr + row * sq_t + heads[:, None] * sq_h
+    q = _rotate_tile(q_row + d[None, :], q_row + pair[None, :], mask, cos[None, :], sin[None, :],
+                     first[None, :], in_rot[None, :], ROTATE)
+    qpos = tl.zeros([BLOCK_G], tl.int32) + ctx - 1
+    slopes = tl.zeros([BLOCK_G], tl.float32)
+    if HAS_ALIBI:
+        slopes = tl.load(slopes_ptr + heads, mask=g < G, other=0.0).to(tl.float32) * 1.4426950408889634
+    lo = sp * split_size
+    hi = tl.minimum(lo + split_size, ctx)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, ctx - window)
+    if MIXED:
+        hi = tl.where(n_heads > 0, hi, lo)
+    owner = sp == (ctx - 1) // split_size  # this slice holds the newest key
+    hi_cached = hi
+    if NEW_KV:  # the newest key is not in the cache yet: it comes from registers below
+        hi_cached = tl.where(owner, ctx - 1, hi)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * s_bt
+    for start in range(lo, hi_cached, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptr + kvh * skc_h, vc_ptr + kvh * svc_h, bt_row,
+                                     start, qpos, lo, hi_cached, slopes, qk_scale, window, block_size,
+                                     skc_b, skc_s, svc_b, svc_s, d, dmask, HAS_ALIBI, HAS_WINDOW, True, BLOCK_N)
+    if NEW_KV:
+        if owner:
+            k_row = k_ptr + row * sk_t + kvh * sk_h
+            k = _rotate_tile(k_row + d, k_row + pair, dmask, cos, sin, first, in_rot, ROTATE)
+            k = k.to(kc_ptr.dtype.element_ty)  # what a read back from the cache would give
+            v = tl.load(v_ptr + row * sv_t + kvh * sv_h + d, mask=dmask, other=0.0).to(vc_ptr.dtype.element_ty)
+            slot = tl.load(slot_ptr + row)
+            if slot >= 0:  # -1: a padding token, nothing to cache
+                blk, off = slot // block_size, slot % block_size
+                tl.store(kc_ptr + blk * skc_b + off * skc_s + kvh * skc_h + d, k, mask=dmask)
+                tl.store(vc_ptr + blk * svc_b + off * svc_s + kvh * svc_h + d, v, mask=dmask)
+            s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * qk_scale
+            if HAS_ALIBI:
+                s += slopes * (ctx - 1).to(tl.float32)
+            m_new = tl.maximum(m_i, s)  # s is finite: so is m_new
+            p = tl.exp2(s - m_new)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)[None, :]
+            l_i = l_i * alpha + p
+            m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # nothing allowed in this slice: output 0, weight 0
+    out = acc / l_safe[:, None]
+    o_ptrs = o_ptr + row * so_t + heads[:, None] * so_h + d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Publish this slice's output and log2-sum-exp, then count it in. Every program
+        # reaches the counter, empty slices included, so it always ends at NUM_SPLITS.
+        group = b * tl.num_programs(1) + kvh
+        base = group.to(tl.int64) * NUM_SPLITS * G
+        part = base + sp * G + g
+        tl.store(po_ptr + part[:, None] * BLOCK_D + d[None, :], out, mask=mask)
+        tl.store(plse_ptr + part, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=live)
+        # All threads' stores come before the (one-thread) release below; its acq_rel makes
+        # them visible to whichever program increments last, which then merges.
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + group, 1, sem="acq_rel")
+        if done == NUM_SPLITS - 1:
+            tl.debug_barrier()
+            out = _merge_splits(po_ptr, plse_ptr, base, G, g, d, mask, live, NUM_SPLITS, BLOCK_G, BLOCK_D)
+            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
+            tl.store(cnt_ptr + group, 0)  # clean for the next launch, with no host-side zeroing
+
+
+# Per device: int32 counters, one per (sequence, KV head), for the in-kernel merge. Every
+# launch leaves them at zero (the merging program resets its own), so they are zeroed once,
+# at allocation, and never by the host again: CUDA-graph replays find them clean too.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown buffers: graphs captured with them still use them
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n zeroed counters. Growing allocates, which must not happen inside a CUDA-graph
+    capture (the buffer would live in the graph's pool, and the captured zero-fill would
+    replay); the model runner's eager warm-up before each capture, largest shape first,
+    sizes the buffer in time."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode attention needs {n} merge counters on {device} during a CUDA-graph "
+                               f"capture but has {0 if buf is None else buf.numel()}: run the shape eagerly first")
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs, still several slices per sequence
+
+
+def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, alibi_slopes,
+            sliding_window, out, num_splits: int | None = None, block_n: int = 64,
+            num_warps: int = 4, num_stages: int = 2, mixed: bool = False, new_kv: tuple | None = None) -> None:
+    """The sequences with q_len 1 (all of them unless `mixed`, which needs cu_seqlens_q). The
+    context is sliced by the block table's width, an upper bound known without a sync; slices
+    past a sequence's end only count themselves in. `new_kv`: (k, v, positions, cos_sin,
+    rotary_dim, interleaved, slot_mapping) as for rotary_cache, q not yet rotated."""
+    B, H, D = block_tables.shape[0], q.shape[1], q.shape[2]
+    Hkv, block_size = k_cache.shape[2], k_cache.shape[1]
+    G = H // Hkv
+    tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)
+    if num_splits is None:  # enough programs to fill the GPU twice over
+        num_splits = triton.cdiv(2 * _num_sms(q.device), B * Hkv)
+    num_splits = max(1, min(num_splits, tiles))
+    split_size = triton.cdiv(tiles, num_splits) * block_n
+    num_splits = triton.cdiv(tiles * block_n, split_size)
+    BLOCK_D = triton.next_power_of_2(D)
+    po = plse = cnt = out  # unused with one split
+    if num_splits > 1:
+        po = torch.empty(B * H * num_splits, BLOCK_D, dtype=torch.float32, device=q.device)
+        plse = torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device)
+        cnt = _counters(q.device, B * Hkv)
+    k = v = positions = cos_sin = slots = q  # any pointer when unused
+    rotary_dim, interleaved = 0, False
+    if new_kv is not None:
+        k, v, positions, cos_sin, rotary_dim, interleaved, slots = new_kv
+    rotate = new_kv is not None and cos_sin is not None and rotary_dim > 0
+    cs = cos_sin if rotate else q
+    _decode_kernel[(B, Hkv, num_splits)](
+        q, k, v, positions, cs, slots, k_cache, v_cache, block_tables,
+        q if cu_seqlens_q is None else cu_seqlens_q, context_lens,
+        q if alibi_slopes is None else alibi_slopes, out, po, plse, cnt,
+        scale * LOG2E, sliding_window or 0, G, D, rotary_dim if rotate else 0, block_size, split_size,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cs.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=sliding_window is not None,
+        MIXED=mixed, NEW_KV=new_kv is not None, ROTATE=rotate, INTERLEAVED=interleaved,
+        BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+        num_warps=num_warps, num_stages=num_stages)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    rotary_dim: int,
+    interleaved: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Triton version of :func:`kernels.attention.decode_attention_ref`: rotary, the KV-cache
+    write and attention in one launch, for a step where sequence b brings exactly one token,
+    row b of q, k and v (slices of the qkv projection; the last dim must be dense).
+    """
+    T, H, D = q.shape
+    if T != block_tables.shape[0]:
+        raise ValueError(f"decode attention takes one token per sequence: {T} tokens, "
+                         f"{block_tables.shape[0]} sequences")
+    if H % k_cache.shape[2]:
+        raise ValueError(f"{H} query heads do not divide into {k_cache.shape[2]} KV heads")
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last dim, got strides {t.stride()}")
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if T:
+        _decode(q, k_cache, v_cache, block_tables, None, context_lens, scale, alibi_slopes, sliding_window, out,
+                new_kv=(k, v, positions, cos_sin, rotary_dim, interleaved, slot_mapping))
+    return out
