@@ -61,14 +61,14 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, 
 
 
 @triton.jit
-def _merge_splits(po_ptr, plse_ptr, base, G, g, d, mask, live, NUM_SPLITS: tl.constexpr,
+def _merge_splits(po_ptr, plse_ptr, base, G, g, d, mask, live, first, last,
                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """Weight each slice's output by its share of the softmax mass. The partials were
     written by other programs, maybe on other SMs: .cg reads them from L2, past L1."""
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_G], tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(first, last + 1):  # the slices that had keys to attend
         part = base + s * G + g
         lse = tl.load(plse_ptr + part, mask=live, other=float("-inf"), cache_modifier=".cg")
         o = tl.load(po_ptr + part[:, None] * BLOCK_D + d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
@@ -159,11 +159,20 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # nothing allowed in this slice: output 0, weight 0
     out = acc / l_safe[:, None]
     o_ptrs = o_ptr + row * so_t + heads[:, None] * so_h + d[None, :]
-    if NUM_SPLITS == 1:
-        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
-    else:
-        # Publish this slice's output and log2-sum-exp, then count it in. Every program
-        # reaches the counter, empty slices included, so it always ends at NUM_SPLITS.
+    # Only slices holding keys (first..last) take part below. The grid is sized by the block
+    # table's width, so at short contexts most programs are empty: they leave at once rather
+    # than queue on the counter, and a context within one slice skips the merge altogether.
+    last = (ctx - 1) // split_size
+    first = 0
+    if HAS_WINDOW:
+        first = tl.maximum(ctx - window, 0) // split_size
+    active = (sp >= first) & (sp <= last) & (n_heads > 0)
+    if NUM_SPLITS == 1 or first == last:
+        if active:
+            tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
+    elif active:
+        # Publish this slice's output and log2-sum-exp, then count it in; the program that
+        # brings the count to the number of active slices merges them.
         group = b * tl.num_programs(1) + kvh
         base = group.to(tl.int64) * NUM_SPLITS * G
         part = base + sp * G + g
@@ -173,9 +182,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
         # them visible to whichever program increments last, which then merges.
         tl.debug_barrier()
         done = tl.atomic_add(cnt_ptr + group, 1, sem="acq_rel")
-        if done == NUM_SPLITS - 1:
+        if done == last - first:
             tl.debug_barrier()
-            out = _merge_splits(po_ptr, plse_ptr, base, G, g, d, mask, live, NUM_SPLITS, BLOCK_G, BLOCK_D)
+            out = _merge_splits(po_ptr, plse_ptr, base, G, g, d, mask, live, first, last, BLOCK_G, BLOCK_D)
             tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
             tl.store(cnt_ptr + group, 0)  # clean for the next launch, with no host-side zeroing
 
