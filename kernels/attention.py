@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .decode_attention import LOG2E, _attend_tile, _decode
+from .decode_attention import LOG2E, _attend_tile, _decode, check_attention_args
 from .rotary import rotary_cache_ref
 
 @triton.jit
@@ -122,11 +122,7 @@ def paged_attention(
     """
     T, H, D = q.shape
     B = cu_seqlens_q.shape[0] - 1
-    if H % k_cache.shape[2]:
-        raise ValueError(f"{H} query heads do not divide into {k_cache.shape[2]} KV heads")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} needs a contiguous last dim, got strides {t.stride()}")
+    check_attention_args(q, k_cache, v_cache)
     out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     if T == 0 or B == 0:
         return out

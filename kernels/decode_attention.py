@@ -212,6 +212,17 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, **more) -> None:
+    """ValueError unless the query heads divide into the KV heads and every tensor the
+    kernels index (q, the caches and any in ``more``) has a dense last dim."""
+    H, Hkv = q.shape[1], k_cache.shape[2]
+    if H % Hkv:
+        raise ValueError(f"{H} query heads do not divide into {Hkv} KV heads")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), *more.items()):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last dim, got strides {t.stride()}")
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -285,11 +296,7 @@ def decode_attention(
     if T != block_tables.shape[0]:
         raise ValueError(f"decode attention takes one token per sequence: {T} tokens, "
                          f"{block_tables.shape[0]} sequences")
-    if H % k_cache.shape[2]:
-        raise ValueError(f"{H} query heads do not divide into {k_cache.shape[2]} KV heads")
-    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} needs a contiguous last dim, got strides {t.stride()}")
+    check_attention_args(q, k_cache, v_cache, k=k, v=v)
     out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     if T:
         _decode(q, k_cache, v_cache, block_tables, None, context_lens, scale, alibi_slopes, sliding_window, out,
