@@ -6,6 +6,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import enter
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "silu_and_mul", "gelu_tanh_and_mul")
 
 
@@ -26,7 +29,9 @@ def _act(x, KIND: tl.constexpr):
 
 @triton.jit
 def _bias_act_kernel(x_ptr, b_ptr, y_ptr, W, stride_x, stride_y,
-                     KIND: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                     KIND: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    enter(PDL)  # see kernels/pdl.py
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < W  # W is the output width: half the input's when gated
@@ -57,7 +62,7 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Ten
         _bias_act_kernel[(x2.shape[0], triton.cdiv(W, BLOCK))](
             x2, x2 if bias is None else bias, y, W, x2.stride(0), y.stride(0),
             KIND=base, GATED=gated, HAS_BIAS=bias is not None, BLOCK=BLOCK,
-            num_warps=4)
+            num_warps=4, PDL=pdl.use(x.device), launch_pdl=pdl.use(x.device))
     return y.view(*x.shape[:-1], W)
 
 

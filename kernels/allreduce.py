@@ -20,6 +20,9 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import enter
+
 MAX_PROGRAMS = 64
 SLOT0 = 1024  # our flags start past the signal-pad slots torch's own symm-mem ops use
 
@@ -45,7 +48,8 @@ def _signal_and_wait(pads, slot, RANK: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _one_shot_kernel(x_ptr, bufs, pads, N, RANK: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
-                     SLOT: tl.constexpr):
+                     SLOT: tl.constexpr, PDL: tl.constexpr = False):
+    enter(PDL)  # see kernels/pdl.py
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -94,5 +98,6 @@ class PeerAllReduce:
         n = x.numel()
         block = max(1024, triton.next_power_of_2(triton.cdiv(n, MAX_PROGRAMS)))
         _one_shot_kernel[(triton.cdiv(n, block),)](x, self.bufs, self.pads, n, RANK=self.rank, W=self.world,
-                                                   BLOCK=block, SLOT=SLOT0, num_warps=4 if block <= 2048 else 8)
+                                                   BLOCK=block, SLOT=SLOT0, num_warps=4 if block <= 2048 else 8,
+                                                   PDL=pdl.use(x.device), launch_pdl=pdl.use(x.device))
         return x

@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import enter
+
 from .rotary import _rotary_lanes, _rotate_tile
 
 LOG2E = 1.4426950408889634
@@ -90,11 +93,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
                    s_bt, so_t, so_h,
                    NUM_SPLITS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MIXED: tl.constexpr,
                    NEW_KV: tl.constexpr, ROTATE: tl.constexpr, INTERLEAVED: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (B, Hkv, NUM_SPLITS). The G query heads of a KV head share the program, so each
     K/V tile is read once per group (GQA). MIXED: some sequences bring more than one query;
     those are left to _prefill_kernel. NEW_KV: q, k, v come straight from the qkv projection
     (one token per sequence); rotate them here and write k, v to the cache."""
+    enter(PDL)  # see kernels/pdl.py
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -268,7 +272,7 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         NUM_SPLITS=num_splits, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=sliding_window is not None,
         MIXED=mixed, NEW_KV=new_kv is not None, ROTATE=rotate, INTERLEAVED=interleaved,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=BLOCK_D,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, PDL=pdl.use(q.device), launch_pdl=pdl.use(q.device))
 
 
 def decode_attention(

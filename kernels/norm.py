@@ -5,11 +5,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import enter
+
 
 @triton.jit
 def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
                      stride_x, stride_r, stride_y, stride_h,
-                     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    enter(PDL)  # see kernels/pdl.py
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -64,7 +69,7 @@ def add_norm(
             x2, r2, weight, weight if bias is None else bias, y, h2, N, eps,
             x2.stride(0), r2.stride(0), y.stride(0), h2.stride(0),
             HAS_RES=residual is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK=BLOCK,
-            num_warps=min(max(BLOCK // 512, 1), 16))
+            num_warps=min(max(BLOCK // 512, 1), 16), PDL=pdl.use(x.device), launch_pdl=pdl.use(x.device))
     return y.view(x.shape), h
 
 

@@ -95,7 +95,7 @@ def quantize_checkpoint(model: str | Path | None, out_dir: str | Path, mode: str
     for name, m in qmodel.named_modules():
         if isinstance(m, QuantLinear):
             quantized.add(name)
-            tensors.update({f"{name}.{p}": t.data for p, t in m.named_parameters(recurse=False)})
+            tensors.update({f"{name}.{p}": t for p, t in m.state_dict().items()})  # row-major, as stored on disk
     router = WeightRouter(policy)
     rewritten = set()
     for name, t in iter_tensors(checkpoint_files(str(src))):

@@ -13,6 +13,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels.quant_act import add_norm_quant, add_norm_quant_ref, quant_per_token, quant_per_token_ref  # noqa: E402
 from kernels.quant_gemm import pack_int4, unpack_int4, wxa16_gemm, wxa16_gemm_ref  # noqa: E402
+from kernels.skinny_gemm import skinny_linear  # noqa: E402
 from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_ref  # noqa: E402
 from mii.model.layers import GatedUpLinear, Linear, QKVLinear  # noqa: E402
 from mii.model.quant import (QuantLinear, dequantize_weight, quantize_model,  # noqa: E402
@@ -26,10 +27,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def random_qweight(n: int, k: int, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_qweight(n: int, k: int, bits: int, group: int, group_major: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.randint(-127, 128, (n, k)) if bits == 8 else torch.randint(-8, 8, (n, k))
     qweight = q.to(torch.int8) if bits == 8 else pack_int4(q)
     scales = torch.rand(n, k // group) * 0.02 + 0.002
+    if group_major:  # QuantLinear's layout: [n, groups] with each group's scales contiguous
+        scales = scales.t().contiguous().t()
     return qweight.to(DEV), scales.to(DEV)
 
 
@@ -54,8 +58,9 @@ CONFIGS = {
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("M,N,K,group", GEMM_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_wxa16_gemm_matches_reference(bits, M, N, K, group, dtype):
-    qweight, scales = random_qweight(N, K, bits, group)
+@pytest.mark.parametrize("group_major", [False, True])
+def test_wxa16_gemm_matches_reference(bits, M, N, K, group, dtype, group_major):
+    qweight, scales = random_qweight(N, K, bits, group, group_major)
     x = torch.randn(M, K, dtype=dtype, device=DEV)
     bias = torch.randn(N, dtype=dtype, device=DEV)
     ref = wxa16_gemm_ref(x, qweight, scales, bias, bits)
@@ -79,6 +84,25 @@ def test_wxa16_split_k_and_tiles(bits, name, M):
     assert rel(wxa16_gemm(x, qweight, scales, bias, bits, config=cfg), ref) < 1e-5
     # the arrival counters are back at zero: a second call sums the same partials again
     assert rel(wxa16_gemm(x, qweight, scales, bias, bits, config=cfg), ref) < 1e-5
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 40, 128), (5, 70, 256), (16, 33, 384)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [None, "skinny_split3", "skinny_steps"])
+def test_skinny_linear_matches_linear(M, N, K, dtype, config):
+    """The weight-streaming kernel on a float weight (fp16 decode linears) against F.linear."""
+    w = (torch.randn(N, K) * 0.05).to(dtype).to(DEV)
+    x = torch.randn(M, K, dtype=dtype, device=DEV)
+    bias = torch.randn(N, dtype=dtype, device=DEV)
+    ref = F.linear(x.float(), w.float(), bias.float())
+    y = skinny_linear(x, w, bias, config=CONFIGS[config] if config else None)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert rel(y, ref) < 2e-3  # fp32 sums of the same products; fp16 output rounding is 2^-11
+
+
+def test_skinny_linear_rejects_mismatched_weight():
+    with pytest.raises(ValueError, match="does not fit weight"):
+        skinny_linear(torch.randn(1, 64, device=DEV), torch.randn(8, 32, device=DEV))
 
 
 def test_wxa16_skinny_rejects_too_many_rows():

@@ -5,7 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from kernels.quant_act import add_norm_quant, add_norm_quant_ref
+from kernels import pdl
+from kernels.activation import bias_act
+from kernels.norm import add_norm
 from kernels.quant_gemm import wxa16_gemm, wxa16_gemm_ref
+from kernels.skinny_gemm import skinny_linear
 from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_ref
 from mii.model.layers import Linear
 from mii.model.quant import QuantLinear, quantize_weight
@@ -55,7 +59,7 @@ SKINNY_CASES = [  # (tile config, dtype)
 @pytest.mark.parametrize("N,K,group", [(4096, 11008, 128), (1000, 4096, 64)])
 @pytest.mark.parametrize("case", range(len(SKINNY_CASES)))
 def test_skinny_split_k(bits, M, N, K, group, case):
-    from kernels.quant_gemm import skinny_config
+    from kernels.skinny_gemm import skinny_config
     tiles, dtype = SKINNY_CASES[case]
     t = quantized(N, K, "w8a16" if bits == 8 else "w4a16", group)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -82,6 +86,60 @@ def test_skinny_in_cuda_graph(bits):
         graph.replay()
         torch.cuda.synchronize()
         assert rel(y, wxa16_gemm_ref(x, t["qweight"], t["scales"], None, bits)) < 2e-3
+
+
+@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 11008), (128256, 2048), (768, 768)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_skinny_linear_real_shapes(M, N, K, dtype):
+    """fp16/bf16 decode linears on the weight-streaming kernel, against an fp32 F.linear."""
+    w = (torch.randn(N, K, device="cuda") * 0.02).to(dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    y = skinny_linear(x, w, bias)
+    # the tensor cores multiply the fp16/bf16 operands exactly and sum in fp32, so the
+    # output rounding bounds the error: 2^-9 relative for bf16, 2^-11 for fp16
+    assert rel(y, F.linear(x.float(), w.float(), bias.float())) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def _chain(x, res, layers):
+    """A decode layer's kernels, as the engine launches them: norm, GEMV, activation, GEMV (fp16 and int8)."""
+    for norm_w, w_up, q_down in layers:
+        h, res = add_norm(x, res, norm_w, None, 1e-6, True)
+        a = bias_act(skinny_linear(h, w_up), None, "silu_and_mul")
+        x = wxa16_gemm(a, q_down["qweight"], q_down["scales"], None, 8)
+    return x, res
+
+
+def test_pdl_chain_in_cuda_graph():
+    """Programmatic dependent launch lets each kernel start before the one before it ends.
+    A graph of 12 such layers, replayed on new inputs, must give the same bits as the chain
+    run eagerly with PDL off: a kernel that read its input before waiting would not."""
+    if not pdl.supported(torch.device("cuda")):
+        pytest.skip("PDL needs sm90+")
+    H, I = 2048, 5632
+    layers = [(torch.rand(H, device="cuda", dtype=torch.float16) + 0.5,
+               (torch.randn(2 * I, H, device="cuda") * 0.02).half(), quantized(H, I, "w8a16")) for _ in range(12)]
+    for q in (l[2] for l in layers):  # the layout QuantLinear keeps
+        q["scales"] = q["scales"].t().contiguous().t()
+    x = torch.randn(1, H, device="cuda", dtype=torch.float16)
+    res = torch.randn(1, H, device="cuda", dtype=torch.float16)
+    _chain(x, res, layers)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _chain(x, res, layers)
+    try:
+        for _ in range(5):
+            x.copy_(torch.randn_like(x))
+            res.copy_(torch.randn_like(res))
+            graph.replay()
+            pdl.set_enabled(False)
+            ref = _chain(x, res, layers)
+            pdl.set_enabled(True)
+            torch.cuda.synchronize()
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    finally:
+        pdl.set_enabled(True)
 
 
 @pytest.mark.parametrize("M", [1, 16, 4096])

@@ -9,7 +9,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.skinny_gemm import SKINNY_M, skinny_linear
+
 from .parallel import TP, all_gather_last_dim, all_reduce, split
+
+
+class DecodeGemv:
+    """Whether CUDA decode-sized linears (at most 16 rows, fp16/bf16) take our weight-streaming
+    kernel instead of cuBLAS: it chains with its neighbours under PDL (``kernels/pdl.py``).
+    A switch for A/B benchmarks; on by default."""
+
+    enabled = True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if (DecodeGemv.enabled and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and x.numel() <= SKINNY_M * x.shape[-1] and weight.dtype == x.dtype and weight.stride(-1) == 1):
+        return skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -54,9 +71,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.fuse_bias else None
         if self.kind == "row" and TP.size > 1:
-            y = all_reduce(F.linear(x, self.weight))
+            y = all_reduce(linear(x, self.weight))
             return y if bias is None else y + bias  # bias once, after the sum
-        return F.linear(x, self.weight, bias)
+        return linear(x, self.weight, bias)
 
 
 class QKVLinear(Linear):
@@ -140,7 +157,7 @@ class VocabEmbedding(nn.Module):
         return all_reduce(out)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = F.linear(h, self.weight, self.bias)
+        out = linear(h, self.weight, self.bias)
         return all_gather_last_dim(out)[..., : self.vocab]
 
 

@@ -1,0 +1,200 @@
+"""The decode GEMM (M <= 16 rows): y = x W^T (+ b), bound by streaming the weight.
+
+One kernel serves fp16/bf16 weights (``skinny_linear``, the engine's decode linears) and
+the integer weights of W8A16/W4A16 (``kernels/quant_gemm.py``, storage described there).
+Each program streams a band of weight rows along K in 16-byte loads, pipelined into
+shared memory; the MMA takes the weight tile as its wide operand and the few x rows
+(padded to 16) as the narrow one; split-K fills the GPU when N alone cannot, and the last
+program of each band reduces the partials in the same launch. Under programmatic
+dependent launch (``kernels/pdl.py``) a program pulls its first weight tiles into L2
+before waiting for the kernel before it, since the weights do not depend on that kernel.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import pdl
+from .dequant import dequant4, dequant8, prefetch_l2
+from .pdl import gdc_launch_dependents, gdc_wait
+
+
+# M, SPLIT_K and the scale stride stay runtime values: one compiled kernel per tile config
+# serves every decode batch size, split and layer (down_proj's K/128 = 86 is no multiple of 16).
+@triton.jit(do_not_specialize=["M", "stride_sn", "stride_sg", "SPLIT_K"])
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K,
+                   stride_xm, stride_wn, stride_sn, stride_sg, stride_ym, SPLIT_K,
+                   GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, U: tl.constexpr, A_REGS: tl.constexpr,
+                   PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+    # Program (pid_n, pid_k) streams weight rows [pid_n*BN, +BN) over its share of K in
+    # steps of U [BN, BK] tiles side by side along K (U > 1 reads longer runs of each row at
+    # once; on the H100 it measured no faster than U = 1, the default). Loads are 16 bytes
+    # wide and pipelined into shared memory. Each tile is the MMA's A operand and x^T its B:
+    # the weight fills the wide side of the MMA, the M <= BM = 16 rows of x the narrow one,
+    # so the result is y^T [BN, BM].
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = (pid_n * BN + tl.arange(0, BN)) % N  # wrapped rows keep the weight loads unmasked
+    rm = tl.arange(0, BM)
+    KB: tl.constexpr = BK // 2 if BITS == 4 else BK  # elements of one weight row per tile (BITS 16: fp16 weights)
+    tiles = K // BK  # BK divides the group, the group divides K
+    steps = tl.cdiv(tiles, U)
+    i0 = pid_k * steps // SPLIT_K  # splits differ by at most one step
+    i1 = (pid_k + 1) * steps // SPLIT_K
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + tl.arange(0, KB)[None, :]
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + tl.arange(0, BK)[None, :]
+    s_ptrs = s_ptr + rn * stride_sn
+    dt: tl.constexpr = x_ptr.dtype.element_ty
+    if PDL and PREFETCH > 0:
+        # The weights do not depend on the kernel before this one: pull this program's first
+        # PREFETCH tiles into L2 (a 128-byte line per row and step) while that kernel finishes.
+        LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
+        NL: tl.constexpr = PREFETCH * KB // LINE if PREFETCH * KB >= LINE else 1
+        lines = tl.arange(0, NL) * LINE
+        first = i0 * U * KB
+        prefetch_l2(w_ptr + rn[:, None] * stride_wn + (first + tl.minimum(lines, tiles * KB - first - 1))[None, :])
+    if PDL:
+        gdc_wait()
+    acc = tl.zeros((BN, BM), tl.float32)
+    for i in range(i0, i1):
+        if ASM and BITS != 16:  # scales two steps ahead into L2, as only the MMA operands are pipelined (a hint)
+            prefetch_l2(s_ptrs + (tl.minimum((i + 2) * U, tiles - 1) * BK // GROUP) * stride_sg)
+        for j in tl.static_range(U):
+            t = i * U + j
+            ok = (tl.zeros((1, 1), tl.int32) + t) < tiles  # a short last step: its missing tiles load as zeros
+            q = tl.load(w_ptrs + t * KB, mask=ok, other=0)
+            x = tl.load(x_ptrs + t * BK, mask=(rm[:, None] < M) & ok, other=0.0)
+            if BITS == 16:
+                acc += tl.dot(q, tl.trans(x))
+            else:
+                s = tl.load(s_ptrs + (tl.minimum(t, tiles - 1) * BK // GROUP) * stride_sg)
+                if BITS == 8:
+                    part = tl.dot(dequant8(q, dt, ASM, A_REGS), tl.trans(x))
+                else:  # element 2j of a row is the low nibble of byte j: pair it with x's even columns
+                    lo, hi = dequant4(q.to(tl.uint8, bitcast=True), dt, ASM, A_REGS)
+                    xe, xo = tl.split(tl.reshape(x, (BM, KB, 2)))
+                    part = tl.dot(lo, tl.trans(xe)) + tl.dot(hi, tl.trans(xo))
+                acc += part * s[:, None]
+    if PDL:
+        # Dependents are released only once this program has streamed its weights, unlike the
+        # small kernels (kernels/pdl.py): released at entry, the next GEMV's programs took SM
+        # slots during the stream and the 7B W8A16 decode step went from 3.63 to 4.12 ms;
+        # released here it is 3.43 ms, and fp16 5.31 ms against 5.38 (H100, 2026-11-22).
+        gdc_launch_dependents()
+    on = pid_n * BN + tl.arange(0, BN)
+    mask = (on[:, None] < N) & (rm[None, :] < M)
+    y_ptrs = y_ptr + rm[None, :] * stride_ym + on[:, None]
+    if SPLIT_K > 1:
+        # Split-K in one launch: each program leaves its fp32 partial, and the last of an
+        # n-band's SPLIT_K programs to arrive (counted by an atomic) sums them in a fixed
+        # order, so the result is deterministic and no zeroing or reduction kernel runs.
+        p_ptrs = part_ptr + rm[None, :] * N + on[:, None]
+        tl.store(p_ptrs + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the count is released
+        if tl.atomic_add(lock_ptr + pid_n, 1) == SPLIT_K - 1:  # acq_rel: the others' partials are visible
+            acc = tl.zeros((BN, BM), tl.float32)
+            for i in range(SPLIT_K):
+                acc += tl.load(p_ptrs + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: keep grids small
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+SKINNY_M = 16  # up to this many rows (decode batches) take the weight-streaming kernel
+SKINNY_PREFETCH = 1  # tiles per program pulled into L2 before waiting on the kernel before (PDL)
+
+
+def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 128, num_warps: int = 2,
+                  num_stages: int = 3, waves: int = 4, U: int = 1, A_REGS: bool = True,
+                  prefetch: int | None = None) -> dict:
+    """Launch parameters of the M <= 16 kernel: [BN, BK] tiles (BK capped by the group), and
+    enough K-splits that about ``waves`` programs per SM stream at once (so every SM has
+    loads in flight while the last ones finish), keeping at least 4 K-tiles per split.
+
+    The defaults, mma.sync on 2 warps with the operands converted in registers and about
+    4 programs per SM, were the fastest for W4A16 in a sweep on an H100 (2026-11-22, triton
+    3.6, the 7B shapes, M = 1 and 16; ``python -m benchmarks.gemv --sweep``) and within 3%
+    of the fastest for W8A16 (BN=32 on 1 warp). wgmma with the converted tile staged in
+    shared memory (``num_warps=4, A_REGS=False``) was 10-30% slower: it is bound by
+    shared-memory traffic. 8 programs per SM cost 3-10%.
+    """
+    BK = min(group, BK)
+    prefetch = SKINNY_PREFETCH if prefetch is None else prefetch
+    bands, tiles = triton.cdiv(N, BN), K // BK
+    split = max(1, min(triton.cdiv(waves * sms, bands), tiles // 4, triton.cdiv(tiles, U)))
+    return dict(kind="skinny", BM=SKINNY_M, BN=BN, BK=BK, U=U, A_REGS=A_REGS, SPLIT_K=split, num_warps=num_warps,
+                num_stages=num_stages, PREFETCH=prefetch)
+
+
+# Per (device, stream): one int32 arrival counter per n-band for the split-K kernel. Every
+# launch leaves them at zero again, and kernels on one stream never overlap.
+_LOCKS: dict[tuple, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    key = (device.index, torch.cuda.current_stream(device).stream_id) if device.type == "cuda" else (device.type,)
+    locks = _LOCKS.get(key)
+    if locks is None or locks.numel() < n:
+        locks = _LOCKS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return locks
+
+
+def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg) -> None:
+    """Launch the kernel on 2-D x2 into y [M, N]; ``bits`` 16 (float weight, ``scales`` unused),
+    8 or 4; ``cfg`` from :func:`skinny_config`, minus "kind"."""
+    M, N, K = x2.shape[0], y.shape[1], x2.shape[1]
+    if M > cfg["BM"]:
+        raise ValueError(f"the skinny kernel takes at most BM={cfg['BM']} rows, got M={M}")
+    cfg = dict(cfg)
+    split = cfg.pop("SPLIT_K")
+    n_bands = triton.cdiv(N, cfg["BN"])
+    part = torch.empty((split, M, N) if split > 1 else (1,), device=x2.device, dtype=torch.float32)
+    locks = _locks(x2.device, n_bands) if split > 1 else part
+    use_pdl = pdl.use(x2.device)
+    _skinny_kernel[(n_bands, split)](x2, w, scales, bias if bias is not None else w, y, part, locks, M, N, K,
+                                     x2.stride(0), w.stride(0), scales.stride(0) if bits != 16 else 0,
+                                     scales.stride(1) if bits != 16 else 0, N, split,
+                                     GROUP=group, BITS=bits, HAS_BIAS=bias is not None, ASM=x2.is_cuda,
+                                     PDL=use_pdl, launch_pdl=use_pdl, **cfg)
+
+
+# The fp16 weight's tiles: wgmma on 4 warps with about 2 programs per SM was the fastest in
+# a sweep on the H100 (2026-11-22, the 7B shapes at M = 1, `benchmarks.gemv --sweep
+# --sweep-bits 16`): 147 us for one layer's four GEMVs against 154 us with the int8 tiles,
+# 88-98% of copy bandwidth except the 4096x4096 o projection (77%).
+FLOAT_TILES = dict(num_warps=4, waves=2, A_REGS=False)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """y = x W^T + b for a float weight [N, K] and x [..., K] with at most 16 rows: the same
+    weight-streaming kernel as W8A16 decode, so fp16 decode GEMMs join the PDL chain."""
+    K, N = x.shape[-1], weight.shape[0]
+    if weight.shape[1] != K or weight.dtype != x.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if weight.stride(-1) != 1:
+        raise ValueError("weight rows must be contiguous")
+    y = torch.empty((x2.shape[0], N), device=x.device, dtype=x.dtype)
+    if x2.shape[0]:
+        cfg = dict(config or skinny_config(N, K, K, _num_sms(x.device), **FLOAT_TILES))
+        cfg.pop("kind")
+        skinny_gemm(x2, weight, weight, bias, y, 16, K, cfg)
+    return y.reshape(*x.shape[:-1], N)
