@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels.quant_gemm import default_config, skinny_config, wxa16_gemm
+from kernels import pdl, skinny_gemm
+from kernels.quant_gemm import default_config, wxa16_gemm
+from kernels.skinny_gemm import skinny_config, skinny_linear
 
 from .models import SHAPES
 
@@ -90,7 +92,11 @@ def quantized(N: int, K: int, bits: int, group: int) -> tuple[torch.Tensor, torc
         q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
     else:
         q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device="cuda")
-    return q, torch.rand(N, K // group, device="cuda") * 0.01 + 1e-3
+    s = torch.rand(N, K // group, device="cuda") * 0.01 + 1e-3
+    return q, (s.t().contiguous().t() if SCALES_T else s)
+
+
+SCALES_T = False  # --scales-t: scales laid out group-major ([K/group, N] in memory)
 
 
 def weight_bytes(N: int, K: int, bits: int, group: int) -> int:
@@ -99,23 +105,27 @@ def weight_bytes(N: int, K: int, bits: int, group: int) -> int:
     return N * K * bits // 8 + 4 * N * (K // group)
 
 
-def bench(group: int, dtype: torch.dtype, bw: float) -> list[dict]:
+def bench(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = MS) -> list[dict]:
     rows = []
     for name, (N, K) in linear_shapes().items():
         w16 = [torch.randn(N, K, device="cuda", dtype=dtype) * 0.02
                for _ in range(copies_for(weight_bytes(N, K, 16, group)))]
         wq = {bits: [quantized(N, K, bits, group) for _ in range(copies_for(weight_bytes(N, K, bits, group)))]
               for bits in (8, 4)}
-        for M in MS:
+        for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             row = {"linear": name, "N": N, "K": K, "M": M, "group": group}
             t = time_calls(F.linear, [(x, w) for w in w16])
             row["fp16"] = {"us": t * 1e6, "bytes": weight_bytes(N, K, 16, group)}
+            t = time_calls(skinny_linear, [(x, w) for w in w16])
+            row["gemv16"] = {"us": t * 1e6, "bytes": weight_bytes(N, K, 16, group),
+                             "config": skinny_config(N, K, K, torch.cuda.get_device_properties(0).multi_processor_count,
+                                                     **skinny_gemm.FLOAT_TILES)}
             for bits, mode in ((8, "w8a16"), (4, "w4a16")):
                 t = time_calls(lambda x, q, s: wxa16_gemm(x, q, s, None, bits), [(x, q, s) for q, s in wq[bits]])
                 row[mode] = {"us": t * 1e6, "bytes": weight_bytes(N, K, bits, group),
                              "config": default_config(M, N, K, group, bits, x.device)}
-            for mode in ("fp16", "w8a16", "w4a16"):
+            for mode in ("fp16", "gemv16", "w8a16", "w4a16"):
                 r = row[mode]
                 r["gb_s"] = r["bytes"] / r["us"] / 1e3
                 r["pct_copy_bw"] = 100 * r["bytes"] / (r["us"] * 1e-6) / bw
@@ -131,28 +141,37 @@ def bench(group: int, dtype: torch.dtype, bw: float) -> list[dict]:
 # wgmma with the converted tile staged in shared memory (4 warps). See skinny_config for
 # what won on the H100.
 SWEEP = [(64, 128, 2, 3, 1, True), (64, 128, 2, 4, 1, True), (128, 128, 2, 3, 1, True),
-         (32, 128, 1, 3, 1, True), (64, 128, 4, 3, 1, False)]
+         (32, 128, 1, 3, 1, True), (64, 128, 4, 3, 1, False), (64, 64, 2, 4, 1, True), (32, 128, 2, 4, 1, True)]
 
 
 def sweep(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = (1, 16),
-          shapes: dict[str, tuple[int, int]] | None = None) -> list[dict]:
+          shapes: dict[str, tuple[int, int]] | None = None, bits_list: tuple[int, ...] = (16, 8, 4)) -> list[dict]:
     """Time tile configs x K-splits for the M <= 16 kernel; one row per (linear, bits, M, config)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for name, (N, K) in (shapes or linear_shapes()).items():
-        for bits in (8, 4):
-            ws = [quantized(N, K, bits, group) for _ in range(copies_for(weight_bytes(N, K, bits, group)))]
+        for bits in bits_list:
+            if bits == 16:
+                ws = [(torch.randn(N, K, device="cuda", dtype=dtype), None)
+                      for _ in range(copies_for(weight_bytes(N, K, bits, group)))]
+            else:
+                ws = [quantized(N, K, bits, group) for _ in range(copies_for(weight_bytes(N, K, bits, group)))]
             for M in ms:
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 for bn, bk, warps, stages, u, regs in SWEEP:
                     seen = set()
                     for waves in (2, 4, 8, 16):
-                        cfg = skinny_config(N, K, group, sms, bn, bk, warps, stages, waves, u, regs)
+                        cfg = skinny_config(N, K, K if bits == 16 else group, sms, bn, bk, warps, stages, waves, u,
+                                            regs)
                         if cfg["SPLIT_K"] in seen:
                             continue
                         seen.add(cfg["SPLIT_K"])
-                        t = time_calls(lambda x, q, s: wxa16_gemm(x, q, s, None, bits, cfg),
-                                       [(x, q, s) for q, s in ws], min_calls=32, replays=5)
+                        if bits == 16:
+                            t = time_calls(lambda x, w: skinny_linear(x, w, None, cfg), [(x, w) for w, _ in ws],
+                                           min_calls=32, replays=5)
+                        else:
+                            t = time_calls(lambda x, q, s: wxa16_gemm(x, q, s, None, bits, cfg),
+                                           [(x, q, s) for q, s in ws], min_calls=32, replays=5)
                         b = weight_bytes(N, K, bits, group)
                         rows.append({"linear": name, "bits": bits, "M": M, "waves": waves, **cfg,
                                      "us": t * 1e6, "pct_copy_bw": 100 * b / t / bw})
@@ -173,10 +192,12 @@ def fastest(rows: list[dict]) -> dict[tuple, dict]:
 
 def table(rows: list[dict], bw: float) -> str:
     out = [f"copy bandwidth {bw / 1e9:.0f} GB/s; GB/s (% of copy) and speed-up over fp16",
-           f"{'linear':8} {'N x K':>12} {'M':>3} | {'fp16 cuBLAS':>22} | {'W8A16':>30} | {'W4A16':>30}"]
+           f"{'linear':8} {'N x K':>12} {'M':>3} | {'fp16 cuBLAS':>22} | {'fp16 ours':>30} | {'W8A16':>30} | "
+           f"{'W4A16':>30}"]
     for r in rows:
         cells = [f"{r[m]['us']:6.1f}us {r[m]['gb_s']:5.0f} ({r[m]['pct_copy_bw']:3.0f}%)"
-                 + ("" if m == "fp16" else f" {r[m]['speedup_vs_fp16']:4.2f}x") for m in ("fp16", "w8a16", "w4a16")]
+                 + ("" if m == "fp16" else f" {r[m]['speedup_vs_fp16']:4.2f}x")
+                 for m in ("fp16", "gemv16", "w8a16", "w4a16")]
         out.append(f"{r['linear']:8} {r['N']:>5} x {r['K']:<5} {r['M']:>3} | " + " | ".join(cells))
     return "\n".join(out)
 
@@ -188,7 +209,18 @@ def main() -> None:
     ap.add_argument("--groups", default="128,64", help="comma-separated group sizes (the first also for --sweep)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configs and K-splits")
+    ap.add_argument("--sweep-bits", default="16,8,4", help="weight widths for --sweep (16: fp16 weights)")
+    ap.add_argument("--sweep-ms", default="1,16", help="rows of x for --sweep")
+    ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
+    ap.add_argument("--prefetch", type=int, default=None, help="tiles per program prefetched under PDL")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="rows of x to time")
+    ap.add_argument("--scales-t", action="store_true", help="scales stored group-major")
     args = ap.parse_args()
+    global SCALES_T
+    SCALES_T = args.scales_t
+    if args.prefetch is not None:
+        skinny_gemm.SKINNY_PREFETCH = args.prefetch
+    pdl.set_enabled(not args.no_pdl)
     dtype = getattr(torch, args.dtype)
     groups = [int(g) for g in args.groups.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -196,9 +228,10 @@ def main() -> None:
     bw = copy_bandwidth()
     meta = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "triton": triton.__version__, "dtype": args.dtype, "copy_bw_gb_s": bw / 1e9,
-            "sms": props.multi_processor_count}
+            "sms": props.multi_processor_count, "pdl": pdl.use(torch.device("cuda"))}
     if args.sweep:
-        rows = sweep(groups[0], dtype, bw)
+        rows = sweep(groups[0], dtype, bw, tuple(int(m) for m in args.sweep_ms.split(",")),
+                     bits_list=tuple(int(b) for b in args.sweep_bits.split(",")))
         (args.out / "gemv-sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         print("fastest config per (linear, bits, M):")
         for (name, bits, M), r in fastest(rows).items():
@@ -207,7 +240,7 @@ def main() -> None:
                   f"split={r['SPLIT_K']} (waves {r['waves']})")
     results = {**meta, "groups": {}}
     for g in groups:
-        rows = bench(g, dtype, bw)
+        rows = bench(g, dtype, bw, tuple(int(m) for m in args.ms.split(",")))
         results["groups"][g] = rows
         print(f"\n{props.name}, {args.dtype}, group {g}\n" + table(rows, bw))
     (args.out / "gemv.json").write_text(json.dumps(results, indent=1))

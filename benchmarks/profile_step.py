@@ -23,7 +23,9 @@ from .run import copy_bandwidth
 
 def _kind(name: str) -> str:
     n = name.lower()
-    for key, kind in (("gemv", "gemm"), ("w8a8", "gemm"), ("one_shot", "all-reduce"), ("nccl", "all-reduce"), ("quant", "act quant"), ("dequant", "dequantize"), ("gemm", "gemm"), ("sm90", "gemm"), ("cutlass", "gemm"), ("matmul", "gemm"),
+    for key, kind in (("gemv", "gemm"), ("skinny", "gemm"), ("w8a8", "gemm"), ("one_shot", "all-reduce"),
+                      ("nccl", "all-reduce"), ("quant", "act quant"), ("dequant", "dequantize"), ("gemm", "gemm"),
+                      ("sm90", "gemm"), ("cutlass", "gemm"), ("matmul", "gemm"),
                       ("_decode_kernel", "attention"), ("_prefill_kernel", "attention"),
                       ("rotary", "rotary+kv write"), ("norm", "norm"), ("act", "activation"), ("argmax", "sampling"),
                       ("reduce", "sampling"), ("copy", "copies"), ("fill", "copies"), ("index", "copies")):

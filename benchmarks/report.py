@@ -21,7 +21,7 @@ def _where(s: dict) -> str:
 
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
-            if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-"))]
+            if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-", "pdl-"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -79,11 +79,14 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
         lines += [f"## Weight-only GEMMs at decode batch sizes, 7B shapes ({p.stem[5:]})", "",
                   f"{g['device']}, {g['date']}; {g['dtype']} activations, group 128; GB/s of weight (+ scale) bytes "
                   f"and % of the copy bandwidth ({g['copy_bw_gb_s']:.0f} GB/s); `python -m benchmarks.gemv`.", "",
-                  _row(["linear", "M", "fp16 cuBLAS", "W8A16", "x fp16", "W4A16", "x fp16"]), _row(["---"] * 7)]
+                  f"PDL on: {g.get('pdl', False)} (each call may start while the one before finishes, as in "
+                  "a decode step).", "",
+                  _row(["linear", "M", "fp16 cuBLAS", "fp16 ours", "W8A16", "x fp16", "W4A16", "x fp16"]),
+                  _row(["---"] * 8)]
         for r in g["groups"].get("128", []):
-            cell = lambda m: f"{r[m]['gb_s']:.0f} ({r[m]['pct_copy_bw']:.0f}%)"  # noqa: E731
-            lines.append(_row([f"{r['linear']} {r['N']}x{r['K']}", r["M"], cell("fp16"), cell("w8a16"),
-                               f"{r['w8a16']['speedup_vs_fp16']:.2f}x", cell("w4a16"),
+            cell = lambda m: f"{r[m]['gb_s']:.0f} ({r[m]['pct_copy_bw']:.0f}%)" if m in r else ""  # noqa: E731
+            lines.append(_row([f"{r['linear']} {r['N']}x{r['K']}", r["M"], cell("fp16"), cell("gemv16"),
+                               cell("w8a16"), f"{r['w8a16']['speedup_vs_fp16']:.2f}x", cell("w4a16"),
                                f"{r['w4a16']['speedup_vs_fp16']:.2f}x"]))
         lines.append("")
     for p in sorted(Path(results).glob("w8a8-*.json")):
