@@ -62,7 +62,7 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Ten
         _bias_act_kernel[(x2.shape[0], triton.cdiv(W, BLOCK))](
             x2, x2 if bias is None else bias, y, W, x2.stride(0), y.stride(0),
             KIND=base, GATED=gated, HAS_BIAS=bias is not None, BLOCK=BLOCK,
-            num_warps=4, PDL=pdl.use(x.device), launch_pdl=pdl.use(x.device))
+            num_warps=4, **pdl.launch_args(x.device))
     return y.view(*x.shape[:-1], W)
 
 

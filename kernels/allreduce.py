@@ -99,5 +99,5 @@ class PeerAllReduce:
         block = max(1024, triton.next_power_of_2(triton.cdiv(n, MAX_PROGRAMS)))
         _one_shot_kernel[(triton.cdiv(n, block),)](x, self.bufs, self.pads, n, RANK=self.rank, W=self.world,
                                                    BLOCK=block, SLOT=SLOT0, num_warps=4 if block <= 2048 else 8,
-                                                   PDL=pdl.use(x.device), launch_pdl=pdl.use(x.device))
+                                                   **pdl.launch_args(x.device))
         return x

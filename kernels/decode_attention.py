@@ -272,7 +272,7 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         NUM_SPLITS=num_splits, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW=sliding_window is not None,
         MIXED=mixed, NEW_KV=new_kv is not None, ROTATE=rotate, INTERLEAVED=interleaved,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=BLOCK_D,
-        num_warps=num_warps, num_stages=num_stages, PDL=pdl.use(q.device), launch_pdl=pdl.use(q.device))
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_args(q.device))
 
 
 def decode_attention(

@@ -69,7 +69,7 @@ def add_norm(
             x2, r2, weight, weight if bias is None else bias, y, h2, N, eps,
             x2.stride(0), r2.stride(0), y.stride(0), h2.stride(0),
             HAS_RES=residual is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK=BLOCK,
-            num_warps=min(max(BLOCK // 512, 1), 16), PDL=pdl.use(x.device), launch_pdl=pdl.use(x.device))
+            num_warps=min(max(BLOCK // 512, 1), 16), **pdl.launch_args(x.device))
     return y.view(x.shape), h
 
 

@@ -47,6 +47,12 @@ def use(device: torch.device) -> bool:
     return _Switch.enabled and supported(device)
 
 
+def launch_args(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch: the kernel's ``PDL`` switch and Triton's launch flag."""
+    on = use(device)
+    return {"PDL": on, "launch_pdl": on}
+
+
 def set_enabled(flag: bool) -> None:
     _Switch.enabled = bool(flag)
 

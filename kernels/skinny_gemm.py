@@ -165,12 +165,11 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg) -> None:
     n_bands = triton.cdiv(N, cfg["BN"])
     part = torch.empty((split, M, N) if split > 1 else (1,), device=x2.device, dtype=torch.float32)
     locks = _locks(x2.device, n_bands) if split > 1 else part
-    use_pdl = pdl.use(x2.device)
     _skinny_kernel[(n_bands, split)](x2, w, scales, bias if bias is not None else w, y, part, locks, M, N, K,
                                      x2.stride(0), w.stride(0), scales.stride(0) if bits != 16 else 0,
                                      scales.stride(1) if bits != 16 else 0, N, split,
                                      GROUP=group, BITS=bits, HAS_BIAS=bias is not None, ASM=x2.is_cuda,
-                                     PDL=use_pdl, launch_pdl=use_pdl, **cfg)
+                                     **pdl.launch_args(x2.device), **cfg)
 
 
 # The fp16 weight's tiles: wgmma on 4 warps with about 2 programs per SM was the fastest in
