@@ -40,8 +40,18 @@ def build(name: str, root: Path, dtype: torch.dtype = torch.float16):
     return out, model
 
 
+def kv_bytes_per_step(spec, ctx: int) -> int:
+    """fp16 K and V bytes one sequence's decode step reads at context ``ctx``."""
+    return 2 * spec.num_layers * ctx * spec.num_kv_heads * spec.head_dim * 2
+
+
 def weight_bytes(model) -> int:
-    seen, n = set(), 0
+    """Weight bytes a decode step streams: every parameter once, except the tables a step only
+    looks rows up in (token and learned position embeddings), unless tied to the LM head."""
+    head = model.get_output_embeddings()
+    lookups = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    lookups.discard(head.weight.data_ptr() if head is not None else None)
+    seen, n = set(lookups), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())

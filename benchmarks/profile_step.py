@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import pdl
+
 from . import ours
 from .models import build, weight_bytes
 from .run import copy_bandwidth
@@ -34,12 +36,12 @@ def _kind(name: str) -> str:
     return "other"
 
 
-def profile(name: str, root: Path) -> dict:
+def profile(name: str, root: Path, mode: str = "fp16") -> dict:
     path, model = build(name, root)
     wb = weight_bytes(model)
     del model
     torch.cuda.empty_cache()
-    eng, _ = ours.make_engine(path)
+    eng, _ = ours.make_engine(path, quantize=None if mode == "fp16" else mode)
     ours.decode(eng, 1, new_tokens=16)
     step = ours.decode(eng, 1)
     g = eng.runner.graphs
@@ -65,7 +67,8 @@ def profile(name: str, root: Path) -> dict:
     by_kind = _by_kind(prof)
     kernels_ms = sum(v["us"] for v in by_kind.values()) / 1e3
     bw = copy_bandwidth()
-    return {"model": name, "device": torch.cuda.get_device_name(), "weight_bytes": wb,
+    return {"model": name if mode == "fp16" else f"{name} {mode}", "device": torch.cuda.get_device_name(),
+            "pdl": pdl.use(torch.device("cuda")), "weight_bytes": wb,
             "roofline_ms": 1e3 * wb / bw, "engine_step_ms": step["ms_per_step"], "graph_replay_ms": replay_ms,
             "kernel_sum_ms": kernels_ms, "kernels": by_kind}
 
@@ -106,15 +109,19 @@ def main() -> None:
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--prefill", type=int, default=0, help="profile an N-token prefill instead of decode")
-    ap.add_argument("--quantize", nargs="+", default=["fp16"], help="modes for --prefill")
+    ap.add_argument("--quantize", nargs="+", default=["fp16"], help="modes for --prefill; decode takes the first")
+    ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch, so "
+                    "each kernel's profiled time excludes waiting for the one before")
     args = ap.parse_args()
+    pdl.set_enabled(not args.no_pdl)
     with tempfile.TemporaryDirectory() as tmp:
         if args.prefill:
             res = profile_prefill(args.model, Path(tmp), args.prefill, args.quantize)
             fname = f"profile-prefill-{args.model}.json"
         else:
-            res = profile(args.model, Path(tmp))
-            fname = f"profile-{args.model}.json"
+            mode = args.quantize[0]
+            res = profile(args.model, Path(tmp), mode)
+            fname = f"profile-{args.model}{'' if mode == 'fp16' else '-' + mode}.json"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / fname).write_text(json.dumps(res, indent=1))
     print(json.dumps(res))

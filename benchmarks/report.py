@@ -21,7 +21,7 @@ def _where(s: dict) -> str:
 
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
-            if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-", "pdl-"))]
+            if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-", "pdl-", "decode-attn"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -66,7 +66,9 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
     for p in sorted(Path(results).glob("quant-*.json")):
         q = json.loads(p.read_text())
         m = q["meta"]
-        lines += [f"## Quantization, {q['model']}", "", f"{m['device']}, {m['date']}; bs=1 decode, prompt 128.", "",
+        lines += [f"## Quantization, {q['model']}", "", f"{m['device']}, {m['date']}; bs=1 decode, prompt 128. The roofline "
+                  "counts the bytes a step reads (weights but the embedding table, plus K/V at the mean context) "
+                  "where written as `step_bytes`, else every weight byte on the GPU.", "",
                   _row(["mode", "weights (GB)", "x fp16", "bs=1 tok/s", "speed-up", "% of its roofline",
                         "prefill 4096 (ms)", "prefill speed-up"]), _row(["---"] * 8)]
         for mode, r in q["modes"].items():
@@ -89,6 +91,15 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                                cell("w8a16"), f"{r['w8a16']['speedup_vs_fp16']:.2f}x", cell("w4a16"),
                                f"{r['w4a16']['speedup_vs_fp16']:.2f}x"]))
         lines.append("")
+    for p in sorted(Path(results).glob("decode-attn-*.json")):
+        a = json.loads(p.read_text())
+        lines += [f"## Decode attention ({p.stem[12:]})", "",
+                  f"{a['device']}, {a['date']}; `python -m benchmarks.decode_attn`: rotary, KV write and split-K "
+                  "attention in one launch, block table 4,096 tokens wide, K/V read from memory; us per call and "
+                  "% of the copy bandwidth its K/V bytes reach.", "",
+                  _row(["shape", "batch", "context", "key tile", "us", "% copy bw"]), _row(["---"] * 6)]
+        lines += [_row([r["shape"], r["batch"], r["ctx"], r["block_n"], f"{r['us']:.1f}", f"{r['pct_copy_bw']:.0f}%"])
+                  for r in a["rows"]] + [""]
     for p in sorted(Path(results).glob("w8a8-*.json")):
         g = json.loads(p.read_text())
         m = g["meta"]

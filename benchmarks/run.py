@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import hf, ours
-from .models import SHAPES, build, weight_bytes
+from .models import SHAPES, build, kv_bytes_per_step, weight_bytes
 
 HERE = Path(__file__).parent
 
@@ -27,10 +27,6 @@ def copy_bandwidth() -> float:
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     return 2 * x.numel() / ours.seconds_per_call(lambda: y.copy_(x), warmup=3, iters=20)
-
-
-def kv_bytes_per_step(spec, ctx: int) -> int:
-    return 2 * spec.num_layers * ctx * spec.num_kv_heads * spec.head_dim * 2
 
 
 def reusable_hf(hf_from: Path | None, name: str, device: str, requests: int) -> dict | None:

@@ -38,7 +38,7 @@ def supported(device: torch.device) -> bool:
 
 
 class _Switch:
-    """Process-wide on/off, for A/B benchmarks (``benchmarks/chain.py``); on by default."""
+    """Process-wide on/off, for A/B benchmarks (``benchmarks/pdl_ab.py``); on by default."""
 
     enabled = True
 

