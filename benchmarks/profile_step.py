@@ -20,6 +20,7 @@ from kernels import pdl
 
 from . import ours
 from .models import build, weight_bytes
+from .quant import weight_bytes_on_device
 from .run import copy_bandwidth
 
 
@@ -42,6 +43,8 @@ def profile(name: str, root: Path, mode: str = "fp16") -> dict:
     del model
     torch.cuda.empty_cache()
     eng, _ = ours.make_engine(path, quantize=None if mode == "fp16" else mode)
+    if mode != "fp16":  # the bytes the quantized step streams
+        wb = weight_bytes_on_device(eng, streamed=True)
     ours.decode(eng, 1, new_tokens=16)
     step = ours.decode(eng, 1)
     g = eng.runner.graphs
