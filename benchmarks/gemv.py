@@ -31,13 +31,21 @@ from .models import SHAPES
 MS = (1, 4, 16)
 
 
-def linear_shapes(model: str = "llama-7b") -> dict[str, tuple[int, int]]:
-    """name -> (N, K) of the decoder's linears (q/k/v and gate/up fused, as we run them)."""
-    kw = SHAPES[model][1]
-    h, inter = kw["hidden_size"], kw["intermediate_size"]
-    head = h // kw["num_attention_heads"]
-    return {"qkv": (h + 2 * kw["num_key_value_heads"] * head, h), "o": (h, h),
-            "gate_up": (2 * inter, h), "down": (h, inter)}
+def linear_shapes(model: str = "llama-7b", lm_head: bool = False) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of the decoder's linears (q/k/v and gate/up fused, as we run them), and
+    with ``lm_head`` the LM head's."""
+    arch, kw = SHAPES[model]
+    if arch.startswith("OPT"):
+        h, inter = kw["hidden_size"], kw["ffn_dim"]
+        shapes = {"qkv": (3 * h, h), "o": (h, h), "fc1": (inter, h), "fc2": (h, inter)}
+    else:
+        h, inter = kw["hidden_size"], kw["intermediate_size"]
+        head = h // kw["num_attention_heads"]
+        shapes = {"qkv": (h + 2 * kw["num_key_value_heads"] * head, h), "o": (h, h),
+                  "gate_up": (2 * inter, h), "down": (h, inter)}
+    if lm_head:
+        shapes["lm_head"] = (kw["vocab_size"], h)
+    return shapes
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -105,9 +113,10 @@ def weight_bytes(N: int, K: int, bits: int, group: int) -> int:
     return N * K * bits // 8 + 4 * N * (K // group)
 
 
-def bench(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = MS) -> list[dict]:
+def bench(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = MS,
+          shapes: dict[str, tuple[int, int]] | None = None) -> list[dict]:
     rows = []
-    for name, (N, K) in linear_shapes().items():
+    for name, (N, K) in (shapes or linear_shapes()).items():
         w16 = [torch.randn(N, K, device="cuda", dtype=dtype) * 0.02
                for _ in range(copies_for(weight_bytes(N, K, 16, group)))]
         wq = {bits: [quantized(N, K, bits, group) for _ in range(copies_for(weight_bytes(N, K, bits, group)))]
@@ -141,7 +150,8 @@ def bench(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = MS) -
 # wgmma with the converted tile staged in shared memory (4 warps). See skinny_config for
 # what won on the H100.
 SWEEP = [(64, 128, 2, 3, 1, True), (64, 128, 2, 4, 1, True), (128, 128, 2, 3, 1, True),
-         (32, 128, 1, 3, 1, True), (64, 128, 4, 3, 1, False), (64, 64, 2, 4, 1, True), (32, 128, 2, 4, 1, True)]
+         (32, 128, 1, 3, 1, True), (64, 128, 4, 3, 1, False), (64, 64, 2, 4, 1, True), (32, 128, 2, 4, 1, True),
+         (64, 128, 4, 4, 1, False), (64, 256, 4, 3, 1, False), (32, 128, 1, 6, 1, True), (16, 128, 1, 6, 1, True)]
 
 
 def sweep(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = (1, 16),
@@ -160,9 +170,9 @@ def sweep(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = (1, 1
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 for bn, bk, warps, stages, u, regs in SWEEP:
                     seen = set()
-                    for waves in (2, 4, 8, 16):
+                    for waves, min_tiles in ((2, 4), (4, 4), (8, 4), (16, 4), (8, 2), (16, 2), (16, 1)):
                         cfg = skinny_config(N, K, K if bits == 16 else group, sms, bn, bk, warps, stages, waves, u,
-                                            regs)
+                                            regs, min_tiles=min_tiles)
                         if cfg["SPLIT_K"] in seen:
                             continue
                         seen.add(cfg["SPLIT_K"])
@@ -215,6 +225,8 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=None, help="tiles per program prefetched under PDL")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="rows of x to time")
     ap.add_argument("--scales-t", action="store_true", help="scales stored group-major")
+    ap.add_argument("--model", default="llama-7b", choices=sorted(SHAPES), help="whose linears to time")
+    ap.add_argument("--lm-head", action="store_true", help="also time the LM head's shape")
     args = ap.parse_args()
     global SCALES_T
     SCALES_T = args.scales_t
@@ -229,8 +241,10 @@ def main() -> None:
     meta = {"device": props.name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "triton": triton.__version__, "dtype": args.dtype, "copy_bw_gb_s": bw / 1e9,
             "sms": props.multi_processor_count, "pdl": pdl.use(torch.device("cuda"))}
+    shapes = linear_shapes(args.model, args.lm_head)
+    meta["model"] = args.model
     if args.sweep:
-        rows = sweep(groups[0], dtype, bw, tuple(int(m) for m in args.sweep_ms.split(",")),
+        rows = sweep(groups[0], dtype, bw, tuple(int(m) for m in args.sweep_ms.split(",")), shapes,
                      bits_list=tuple(int(b) for b in args.sweep_bits.split(",")))
         (args.out / "gemv-sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         print("fastest config per (linear, bits, M):")
@@ -240,7 +254,7 @@ def main() -> None:
                   f"split={r['SPLIT_K']} (waves {r['waves']})")
     results = {**meta, "groups": {}}
     for g in groups:
-        rows = bench(g, dtype, bw, tuple(int(m) for m in args.ms.split(",")))
+        rows = bench(g, dtype, bw, tuple(int(m) for m in args.ms.split(",")), shapes)
         results["groups"][g] = rows
         print(f"\n{props.name}, {args.dtype}, group {g}\n" + table(rows, bw))
     (args.out / "gemv.json").write_text(json.dumps(results, indent=1))

@@ -47,11 +47,16 @@ def _bias_act_kernel(x_ptr, b_ptr, y_ptr, W, stride_x, stride_y,
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def split_kind(kind: str) -> tuple[str, bool]:
+    """("silu", True) for "silu_and_mul": the kernel's activation and whether it is gated."""
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {kind!r}; known: {ACTIVATIONS}")
+    return kind.removesuffix("_and_mul"), kind.endswith("_and_mul")
+
+
 def bias_act(x: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
     """Triton version of :func:`bias_act_ref`, one read of x and one write of the result."""
-    base, gated = kind.removesuffix("_and_mul"), kind.endswith("_and_mul")
-    if base not in ("gelu", "gelu_tanh", "relu", "silu"):
-        raise ValueError(f"unknown activation {kind!r}; known: {ACTIVATIONS}")
+    base, gated = split_kind(kind)
     W = x.shape[-1] // 2 if gated else x.shape[-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .pdl import enter
+from .pdl import enter, gdc_launch_dependents, gdc_wait
 
 from .rotary import _rotary_lanes, _rotate_tile
 
@@ -28,17 +28,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, slopes, qk_scale, window,
-                 block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
-                 HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One online-softmax step over keys [start, start + BLOCK_N) within [lo, hi).
-
-    Scores are kept in log2 units (qk_scale and slopes carry the log2(e) factor). With
-    MASKED False the caller vouches that every query row may see every key of the tile.
-    """
+def _kv_tile(k_base, v_base, bt_row, start, lo, hi, block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
+             MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K and V of keys [start, start + BLOCK_N), zeros outside [lo, hi), through the block table."""
     kpos = start + tl.arange(0, BLOCK_N)
-    kmask = (kpos >= lo) & (kpos < hi)
     if MASKED:
+        kmask = (kpos >= lo) & (kpos < hi)
         blk = tl.load(bt_row + kpos // block_size, mask=kmask, other=0).to(tl.int64)
         kv_mask = kmask[:, None] & dmask[None, :]
     else:
@@ -46,11 +41,25 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, 
         kv_mask = dmask[None, :]
     slot = kpos % block_size
     k = tl.load(k_base + (blk * skc_b + slot * skc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + (blk * svc_b + slot * svc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_kv(acc, m_i, l_i, q, k, v, start, qpos, lo, hi, slopes, qk_scale, window,
+               HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One online-softmax step over the tile of keys [start, start + BLOCK_N) within [lo, hi).
+
+    Scores are kept in log2 units (qk_scale and slopes carry the log2(e) factor). With
+    MASKED False the caller vouches that every query row may see every key of the tile.
+    A tile with no key in [lo, hi) leaves (acc, m_i, l_i) as they were.
+    """
+    kpos = start + tl.arange(0, BLOCK_N)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if HAS_ALIBI:  # BLOOM: slope * key position
         s += slopes[:, None] * kpos[None, :].to(tl.float32)
     if MASKED:
-        allowed = kmask[None, :] & (kpos[None, :] <= qpos[:, None])
+        allowed = ((kpos >= lo) & (kpos < hi))[None, :] & (kpos[None, :] <= qpos[:, None])
         if HAS_WINDOW:
             allowed &= kpos[None, :] > qpos[:, None] - window
         s = tl.where(allowed, s, float("-inf"))
@@ -58,9 +67,19 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, 
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    v = tl.load(v_base + (blk * svc_b + slot * svc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, slopes, qk_scale, window,
+                 block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
+                 HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Load a tile of keys and take its online-softmax step (:func:`_kv_tile`, :func:`_attend_kv`)."""
+    k, v = _kv_tile(k_base, v_base, bt_row, start, lo, hi, block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
+                    MASKED, BLOCK_N)
+    return _attend_kv(acc, m_i, l_i, q, k, v, start, qpos, lo, hi, slopes, qk_scale, window,
+                      HAS_ALIBI, HAS_WINDOW, MASKED, BLOCK_N)
 
 
 @triton.jit
@@ -98,7 +117,18 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
     K/V tile is read once per group (GQA). MIXED: some sequences bring more than one query;
     those are left to _prefill_kernel. NEW_KV: q, k, v come straight from the qkv projection
     (one token per sequence); rotate them here and write k, v to the cache."""
-    enter(PDL)  # see kernels/pdl.py
+    # EARLY: a pure decode step reads, before waiting on the qkv projection (kernels/pdl.py),
+    # everything that does not come from it: the context length, block table, rotary table
+    # and the first K/V tile of its slice. All of those were written by earlier steps or are
+    # step inputs copied in before the step's first kernel (every kernel before this one has
+    # at least started, and each waits before it releases its dependents), and the only cache
+    # slot this launch writes, the newest token's, is never read from the cache. That takes
+    # the chain of dependent loads (context length, block table, K/V) off the critical path.
+    EARLY: tl.constexpr = PDL and NEW_KV and not MIXED
+    if EARLY:
+        gdc_launch_dependents()
+    else:
+        enter(PDL)  # see kernels/pdl.py
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -115,9 +145,6 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
     live = g < n_heads
     mask = live[:, None] & dmask[None, :]
     cos, sin, first, pair, in_rot = _rotary_lanes(pos_ptr, row, cs_ptr, s_cs, R, BLOCK_D, ROTATE, INTERLEAVED)
-    q_row = q_ptr + row * sq_t + heads[:, None] * sq_h
-    q = _rotate_tile(q_row + d[None, :], q_row + pair[None, :], mask, cos[None, :], sin[None, :],
-                     first[None, :], in_rot[None, :], ROTATE)
     qpos = tl.zeros([BLOCK_G], tl.int32) + ctx - 1
     slopes = tl.zeros([BLOCK_G], tl.float32)
     if HAS_ALIBI:
@@ -146,8 +173,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * s_bt
-    for start in range(lo, hi_cached, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_ptr + kvh * skc_h, vc_ptr + kvh * svc_h, bt_row,
+    kc_base, vc_base = kc_ptr + kvh * skc_h, vc_ptr + kvh * svc_h
+    first_tile = lo
+    if EARLY:
+        k0, v0 = _kv_tile(kc_base, vc_base, bt_row, lo, lo, hi_cached, block_size, skc_b, skc_s, svc_b, svc_s,
+                          d, dmask, True, BLOCK_N)
+        gdc_wait()
+    q_row = q_ptr + row * sq_t + heads[:, None] * sq_h
+    q = _rotate_tile(q_row + d[None, :], q_row + pair[None, :], mask, cos[None, :], sin[None, :],
+                     first[None, :], in_rot[None, :], ROTATE)
+    if EARLY:  # an empty slice's tile is all masked and changes nothing
+        acc, m_i, l_i = _attend_kv(acc, m_i, l_i, q, k0, v0, lo, qpos, lo, hi_cached, slopes, qk_scale, window,
+                                   HAS_ALIBI, HAS_WINDOW, True, BLOCK_N)
+        first_tile = lo + BLOCK_N
+    for start in range(first_tile, hi_cached, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kc_base, vc_base, bt_row,
                                      start, qpos, lo, hi_cached, slopes, qk_scale, window, block_size,
                                      skc_b, skc_s, svc_b, svc_s, d, dmask, HAS_ALIBI, HAS_WINDOW, True, BLOCK_N)
     if NEW_KV:

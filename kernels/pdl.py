@@ -14,6 +14,11 @@ Rules every kernel launched this way follows (``enter`` does both, first thing):
   transitive (kernel C waits for B, which waited for A);
 - it releases its dependents at once (``gdc_launch_dependents``): they are only scheduled
   once every program of this kernel has started, so they never take an SM from it.
+
+Reads of what no kernel of the step writes (step inputs copied in before the step's first
+kernel, the KV cache of earlier steps, the weights) may come before the wait: the GEMV
+streams its first weight tiles that way, decode attention its context length, block table
+and first K/V tile.
 """
 from __future__ import annotations
 

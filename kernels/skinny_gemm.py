@@ -18,26 +18,66 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .activation import _act, split_kind
 from .dequant import dequant4, dequant8, prefetch_l2
 from .pdl import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _epilogue(acc, b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+              GATED: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """Store a band's y^T [BN, BM]: plus the bias, and with ACT through the activation as
+    ``kernels.activation.bias_act`` does it (bias added and result rounded in the output dtype),
+    so a decode step's MLP runs no separate activation kernel. GATED: the band's rows are
+    gate/up pairs (see the kernel); the output has N / 2 columns."""
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    if GATED:
+        I = N // 2
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BN // 2, 2, BM)), (0, 2, 1)))
+        on = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        gate, up = gate.to(dt), up.to(dt)
+        if HAS_BIAS:
+            gate += tl.load(b_ptr + on, mask=on < I, other=0.0).to(dt)[:, None]
+            up += tl.load(b_ptr + I + on, mask=on < I, other=0.0).to(dt)[:, None]
+        y = _act(gate.to(tl.float32), ACT).to(dt).to(tl.float32) * up.to(tl.float32)
+        n_out = I
+    else:
+        on = pid_n * BN + tl.arange(0, BN)
+        y = acc
+        if ACT != "":
+            y = y.to(dt)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn).to(dt)[:, None]
+            y = _act(y.to(tl.float32), ACT)
+        elif HAS_BIAS:
+            y += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+        n_out = N
+    tl.store(y_ptr + rm[None, :] * stride_ym + on[:, None], y.to(dt), mask=(on[:, None] < n_out) & (rm[None, :] < M))
 
 
 # M, SPLIT_K and the scale stride stay runtime values: one compiled kernel per tile config
 # serves every decode batch size, split and layer (down_proj's K/128 = 86 is no multiple of 16).
 @triton.jit(do_not_specialize=["M", "stride_sn", "stride_sg", "SPLIT_K"])
-def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K,
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, NP,
                    stride_xm, stride_wn, stride_sn, stride_sg, stride_ym, SPLIT_K,
                    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, U: tl.constexpr, A_REGS: tl.constexpr,
-                   PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                   PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+                   ACT: tl.constexpr = "", GATED: tl.constexpr = False):
     # Program (pid_n, pid_k) streams weight rows [pid_n*BN, +BN) over its share of K in
     # steps of U [BN, BK] tiles side by side along K (U > 1 reads longer runs of each row at
     # once; on the H100 it measured no faster than U = 1, the default). Loads are 16 bytes
     # wide and pipelined into shared memory. Each tile is the MMA's A operand and x^T its B:
     # the weight fills the wide side of the MMA, the M <= BM = 16 rows of x the narrow one,
-    # so the result is y^T [BN, BM].
+    # so the result is y^T [BN, BM]. GATED (W = [gate; up], N = 2I rows): band pid_n takes the
+    # gate rows [pid_n*BN/2, +BN/2) and their up rows, interleaved, so that one program holds
+    # both halves of its outputs for the activation epilogue.
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rn = (pid_n * BN + tl.arange(0, BN)) % N  # wrapped rows keep the weight loads unmasked
+    if GATED:
+        slot = tl.arange(0, BN)
+        rn = (pid_n * (BN // 2) + slot // 2) % (N // 2) + (slot % 2) * (N // 2)
+    else:
+        rn = (pid_n * BN + tl.arange(0, BN)) % N  # wrapped rows keep the weight loads unmasked
     rm = tl.arange(0, BM)
     KB: tl.constexpr = BK // 2 if BITS == 4 else BK  # elements of one weight row per tile (BITS 16: fp16 weights)
     tiles = K // BK  # BK divides the group, the group divides K
@@ -97,28 +137,23 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
         # slots during the stream and the 7B W8A16 decode step went from 3.63 to 4.12 ms;
         # released here it is 3.43 ms, and fp16 5.31 ms against 5.38 (H100, 2026-11-22).
         gdc_launch_dependents()
-    on = pid_n * BN + tl.arange(0, BN)
-    mask = (on[:, None] < N) & (rm[None, :] < M)
-    y_ptrs = y_ptr + rm[None, :] * stride_ym + on[:, None]
     if SPLIT_K > 1:
         # Split-K in one launch: each program leaves its fp32 partial, and the last of an
         # n-band's SPLIT_K programs to arrive (counted by an atomic) sums them in a fixed
         # order, so the result is deterministic and no zeroing or reduction kernel runs.
-        p_ptrs = part_ptr + rm[None, :] * N + on[:, None]
-        tl.store(p_ptrs + pid_k * M * N, acc, mask=mask)
+        # Partials are indexed by the band's slots (NP = bands * BN), whatever rows they hold.
+        p_ptrs = part_ptr + rm[None, :] * NP + (pid_n * BN + tl.arange(0, BN))[:, None]
+        pmask = rm[None, :] < M
+        tl.store(p_ptrs + pid_k * M * NP, acc, mask=pmask)
         tl.debug_barrier()  # every thread's partial is stored before the count is released
         if tl.atomic_add(lock_ptr + pid_n, 1) == SPLIT_K - 1:  # acq_rel: the others' partials are visible
             acc = tl.zeros((BN, BM), tl.float32)
             for i in range(SPLIT_K):
-                acc += tl.load(p_ptrs + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+                acc += tl.load(p_ptrs + i * M * NP, mask=pmask, other=0.0, cache_modifier=".cg")
+            _epilogue(acc, b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym, HAS_BIAS, ACT, GATED, BN, BM)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn).to(tl.float32)[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        _epilogue(acc, b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym, HAS_BIAS, ACT, GATED, BN, BM)
 
 
 @functools.cache
@@ -134,7 +169,7 @@ SKINNY_PREFETCH = 1  # tiles per program pulled into L2 before waiting on the ke
 
 def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 128, num_warps: int = 2,
                   num_stages: int = 3, waves: int = 4, U: int = 1, A_REGS: bool = True,
-                  prefetch: int | None = None) -> dict:
+                  prefetch: int | None = None, min_tiles: int = 4) -> dict:
     """Launch parameters of the M <= 16 kernel: [BN, BK] tiles (BK capped by the group), and
     enough K-splits that about ``waves`` programs per SM stream at once (so every SM has
     loads in flight while the last ones finish), keeping at least 4 K-tiles per split.
@@ -149,7 +184,7 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
     BK = min(group, BK)
     prefetch = SKINNY_PREFETCH if prefetch is None else prefetch
     bands, tiles = triton.cdiv(N, BN), K // BK
-    split = max(1, min(triton.cdiv(waves * sms, bands), tiles // 4, triton.cdiv(tiles, U)))
+    split = max(1, min(triton.cdiv(waves * sms, bands), tiles // min_tiles, triton.cdiv(tiles, U)))
     return dict(kind="skinny", BM=SKINNY_M, BN=BN, BK=BK, U=U, A_REGS=A_REGS, SPLIT_K=split, num_warps=num_warps,
                 num_stages=num_stages, PREFETCH=prefetch)
 
@@ -167,22 +202,30 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
     return locks
 
 
-def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg) -> None:
-    """Launch the kernel on 2-D x2 into y [M, N]; ``bits`` 16 (float weight, ``scales`` unused),
-    8 or 4; ``cfg`` from :func:`skinny_config`, minus "kind"."""
-    M, N, K = x2.shape[0], y.shape[1], x2.shape[1]
+def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None) -> None:
+    """Launch the kernel on 2-D x2 into y; ``bits`` 16 (float weight, ``scales`` unused), 8 or
+    4; ``cfg`` from :func:`skinny_config`, minus "kind". ``act``: a ``kernels.activation``
+    kind applied, with the bias, in the epilogue; y is [M, N / 2] for a gated kind, else [M, N]."""
+    M, N, K = x2.shape[0], w.shape[0], x2.shape[1]
+    if w.shape[1] * (2 if bits == 4 else 1) != K:
+        raise ValueError(f"x has K={K} columns but the weight {tuple(w.shape)} takes "
+                         f"{w.shape[1] * (2 if bits == 4 else 1)}")
+    kind, gated = split_kind(act) if act is not None else ("", False)
+    if gated and N % 2:
+        raise ValueError(f"a gated activation needs [gate; up] weight rows, got an odd {N}")
     if M > cfg["BM"]:
         raise ValueError(f"the skinny kernel takes at most BM={cfg['BM']} rows, got M={M}")
     cfg = dict(cfg)
     split = cfg.pop("SPLIT_K")
-    n_bands = triton.cdiv(N, cfg["BN"])
-    part = torch.empty((split, M, N) if split > 1 else (1,), device=x2.device, dtype=torch.float32)
+    n_bands = triton.cdiv(N // 2, cfg["BN"] // 2) if gated else triton.cdiv(N, cfg["BN"])
+    NP = n_bands * cfg["BN"]
+    part = torch.empty((split, M, NP) if split > 1 else (1,), device=x2.device, dtype=torch.float32)
     locks = _locks(x2.device, n_bands) if split > 1 else part
-    _skinny_kernel[(n_bands, split)](x2, w, scales, bias if bias is not None else w, y, part, locks, M, N, K,
+    _skinny_kernel[(n_bands, split)](x2, w, scales, bias if bias is not None else w, y, part, locks, M, N, K, NP,
                                      x2.stride(0), w.stride(0), scales.stride(0) if bits != 16 else 0,
-                                     scales.stride(1) if bits != 16 else 0, N, split,
+                                     scales.stride(1) if bits != 16 else 0, y.stride(0), split,
                                      GROUP=group, BITS=bits, HAS_BIAS=bias is not None, ASM=x2.is_cuda,
-                                     **pdl.launch_args(x2.device), **cfg)
+                                     ACT=kind, GATED=gated, **pdl.launch_args(x2.device), **cfg)
 
 
 # The fp16 weight's tiles: wgmma on 4 warps with about 2 programs per SM was the fastest in
@@ -193,9 +236,10 @@ FLOAT_TILES = dict(num_warps=4, waves=2, A_REGS=False)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, act: str | None = None) -> torch.Tensor:
     """y = x W^T + b for a float weight [N, K] and x [..., K] with at most 16 rows: the same
-    weight-streaming kernel as W8A16 decode, so fp16 decode GEMMs join the PDL chain."""
+    weight-streaming kernel as W8A16 decode, so fp16 decode GEMMs join the PDL chain.
+    ``act``: y = bias_act(x W^T, b, act) in the same kernel (N / 2 columns for a gated kind)."""
     K, N = x.shape[-1], weight.shape[0]
     if weight.shape[1] != K or weight.dtype != x.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
@@ -204,9 +248,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         raise ValueError("weight rows must be contiguous")
-    y = torch.empty((x2.shape[0], N), device=x.device, dtype=x.dtype)
+    n_out = N // 2 if act is not None and split_kind(act)[1] else N
+    y = torch.empty((x2.shape[0], n_out), device=x.device, dtype=x.dtype)
     if x2.shape[0]:
         cfg = dict(config or skinny_config(N, K, K, _num_sms(x.device), **FLOAT_TILES))
         cfg.pop("kind")
-        skinny_gemm(x2, weight, weight, bias, y, 16, K, cfg)
-    return y.reshape(*x.shape[:-1], N)
+        skinny_gemm(x2, weight, weight, bias, y, 16, K, cfg, act)
+    return y.reshape(*x.shape[:-1], n_out)

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from kernels.activation import bias_act_ref  # noqa: E402
 from kernels.quant_act import add_norm_quant, add_norm_quant_ref, quant_per_token, quant_per_token_ref  # noqa: E402
 from kernels.quant_gemm import pack_int4, unpack_int4, wxa16_gemm, wxa16_gemm_ref  # noqa: E402
 from kernels.skinny_gemm import skinny_linear  # noqa: E402
@@ -98,6 +99,48 @@ def test_skinny_linear_matches_linear(M, N, K, dtype, config):
     y = skinny_linear(x, w, bias, config=CONFIGS[config] if config else None)
     assert y.dtype == dtype and y.shape == (M, N)
     assert rel(y, ref) < 2e-3  # fp32 sums of the same products; fp16 output rounding is 2^-11
+
+
+@pytest.mark.parametrize("kind", ["silu_and_mul", "gelu_tanh_and_mul", "relu", "gelu"])
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("M,config", [(1, "skinny_split3"), (5, "skinny_split7"), (3, None), (17, None)])
+def test_decode_gemv_fuses_activation(kind, bits, M, config):
+    """act(x W^T + b) with the activation in the decode GEMV's epilogue, against the GEMM's
+    torch reference rounded to fp16 and then the activation's torch reference. A gated kind
+    takes W = [gate; up] (37 outputs: bands of gate/up row pairs end part-full). 17 rows is
+    past the decode kernel: the quantized path then runs the activation kernel after it."""
+    K, group = 128, 32
+    gated = kind.endswith("_and_mul")
+    N = 2 * 37 if gated else 37
+    x = torch.randn(M, K, dtype=torch.float16, device=DEV)
+    bias = torch.randn(N, dtype=torch.float16, device=DEV)
+    cfg = CONFIGS[config] if config else None
+    if bits == 16:
+        if M > 16:
+            return  # skinny_linear is the decode kernel only
+        w = (torch.randn(N, K) * 0.05).half().to(DEV)
+        y = skinny_linear(x, w, bias, config=cfg, act=kind)
+        u = F.linear(x.float(), w.float()).half()
+    else:
+        qweight, scales = random_qweight(N, K, bits, group, group_major=True)
+        y = wxa16_gemm(x, qweight, scales, bias, bits, config=cfg, act=kind)
+        u = wxa16_gemm_ref(x, qweight, scales, None, bits)
+    ref = bias_act_ref(u, bias, kind)
+    assert y.shape == ref.shape == (M, N // 2 if gated else N)
+    # the kernel adds the bias and applies the activation in fp16 as the activation kernel
+    # does; only the GEMM's summation order differs, which can move its fp16 rounding by an ulp
+    assert rel(y, ref) < 2e-3
+
+
+def test_decode_gemv_activation_checks():
+    w = torch.randn(9, 32, device=DEV)
+    with pytest.raises(ValueError, match="odd 9"):
+        skinny_linear(torch.randn(1, 32, device=DEV), w, act="silu_and_mul")
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        skinny_linear(torch.randn(1, 32, device=DEV), w, act="swish")
+    down = Linear(32, 8, False, "row", torch.float32)
+    with pytest.raises(ValueError, match="row-parallel"):
+        down(torch.randn(1, 32, device=DEV), act="relu")
 
 
 def test_skinny_linear_rejects_mismatched_weight():

@@ -70,6 +70,8 @@ class MLP(nn.Module):
         self.act = spec.activation
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        if ops.backend == "triton" and self.up.fuses_act(x):  # decode: the activation rides in up's GEMV
+            return self.down(self.up(x, act=self.act))
         return self.down(ops.bias_act(self.up(x), self.up.bias, self.act))
 
 

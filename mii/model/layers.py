@@ -22,10 +22,20 @@ class DecodeGemv:
     enabled = True
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if (DecodeGemv.enabled and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and x.numel() <= SKINNY_M * x.shape[-1] and weight.dtype == x.dtype and weight.stride(-1) == 1):
-        return skinny_linear(x, weight, bias)
+def decode_sized(x: torch.Tensor) -> bool:
+    """A CUDA fp16/bf16 activation of at most SKINNY_M rows: the weight-streaming kernels take it."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.numel() <= SKINNY_M * x.shape[-1]
+
+
+def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return DecodeGemv.enabled and decode_sized(x) and weight.dtype == x.dtype and weight.stride(-1) == 1
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           act: str | None = None) -> torch.Tensor:
+    """``act``: see :meth:`Linear.forward`; only the weight-streaming kernel takes it."""
+    if act is not None or _skinny(x, weight):
+        return skinny_linear(x, weight, bias, act=act)
     return F.linear(x, weight, bias)
 
 
@@ -68,12 +78,22 @@ class Linear(nn.Module):
             w = w.narrow(1, TP.rank * param.shape[1], param.shape[1])
         _copy(param.data, w, "linear")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias if self.fuse_bias else None
+    def fuses_act(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x, act=...)`` can apply the activation inside its decode kernel:
+        a column-split (or whole) layer, whose outputs are this rank's to activate."""
+        return self.kind != "row" and _skinny(x, self.weight)
+
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        """``act``: a ``kernels.activation`` kind; the layer returns ``bias_act(x W^T, bias, act)``
+        from its decode kernel's epilogue (when :meth:`fuses_act` says it can), so a decode
+        step's MLP runs no separate activation kernel."""
+        if act is not None and self.kind == "row":
+            raise ValueError("a row-parallel linear's outputs are partial sums: it cannot apply an activation")
+        bias = self.bias if self.fuse_bias or act is not None else None
         if self.kind == "row" and TP.size > 1:
             y = all_reduce(linear(x, self.weight))
             return y if bias is None else y + bias  # bias once, after the sum
-        return linear(x, self.weight, bias)
+        return linear(x, self.weight, bias, act)
 
 
 class QKVLinear(Linear):

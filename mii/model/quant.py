@@ -28,7 +28,7 @@ from kernels.quant_act import add_norm_quant, add_norm_quant_ref, quant_per_toke
 from kernels.quant_gemm import dequantize_ref, pack_int4, wxa16_gemm, wxa16_gemm_ref
 from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_ref
 from mii.policies.base import DEFAULT_QUANTIZABLE
-from .layers import GatedUpLinear, Linear, Norm, QKVLinear, _param
+from .layers import GatedUpLinear, Linear, Norm, QKVLinear, _param, decode_sized
 from .parallel import TP, all_reduce
 
 MODES = ("w8a16", "w4a16", "w8a8")
@@ -208,7 +208,15 @@ class QuantLinear(nn.Module):
         """Whether this layer wants its input as an :class:`Int8Act` (so the norm before it quantizes)."""
         return self.mode == "w8a8"
 
-    def forward(self, x: torch.Tensor | Int8Act) -> torch.Tensor:
+    def fuses_act(self, x: torch.Tensor) -> bool:
+        """As on ``Linear``: W8A16/W4A16 decode applies the activation in its kernel's epilogue."""
+        return self.mode != "w8a8" and self.kind != "row" and decode_sized(x)
+
+    def forward(self, x: torch.Tensor | Int8Act, act: str | None = None) -> torch.Tensor:
+        if act is not None:  # see Linear.forward
+            if not (isinstance(x, torch.Tensor) and self.fuses_act(x)):
+                raise ValueError(f"this {self.mode} layer cannot fuse an activation on this input")
+            return wxa16_gemm(x, self.qweight, self.scales, self.bias, self.bits, act=act)
         if isinstance(x, Int8Act):
             return self.forward_int8(*x)
         if self.mode == "w8a8":
