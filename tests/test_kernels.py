@@ -15,6 +15,7 @@ if not CUDA:  # before triton is imported; tests/conftest.py does the same for t
 import pytest  # noqa: E402
 
 import kernels.activation as act  # noqa: E402
+import kernels.argmax as amax  # noqa: E402
 import kernels.attention as attn  # noqa: E402
 import kernels.decode_attention as dec  # noqa: E402
 import kernels.norm as norm  # noqa: E402
@@ -284,3 +285,23 @@ def test_sample_ref_filters():
             noise[0, i] = 1e-6
             seen.add(int(samp.sample_ref(logits, one, torch.tensor([k]), torch.tensor([p]), noise)))
         assert seen == kept, (k, p)
+
+
+@pytest.mark.parametrize("S,V,block", [(1, 1000, 64), (3, 5003, 128), (5, 40, 1024)])
+def test_argmax_matches_torch(S, V, block):
+    """Greedy argmax split into chunks: equal to torch.argmax, including ties (the leftmost
+    wins, within and across chunks), rows that are -inf but for one entry, and fp16 rows."""
+    g = torch.Generator().manual_seed(S * V)
+    x = torch.randn(S, V, generator=g).round(decimals=1)  # many equal values
+    x[0, [3, V // 2, V - 1]] = 50.0  # tied maxima in different chunks
+    if S > 1:
+        x[1] = float("-inf")
+        x[1, V - 2] = -1e30
+    for logits in (x.to(DEV), x.half().to(DEV)):
+        assert torch.equal(amax.argmax(logits, block=block).cpu(), amax.argmax_ref(logits).cpu())
+    assert amax.argmax(x[:, ::2].to(DEV), block=block).tolist() == x[:, ::2].argmax(-1).tolist()
+
+
+def test_argmax_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"float logits \[rows, vocab\], got \(4,\)"):
+        amax.argmax(torch.randn(4, device=DEV))

@@ -102,6 +102,30 @@ def test_skinny_linear_real_shapes(M, N, K, dtype):
     assert rel(y, F.linear(x.float(), w.float(), bias.float())) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
+@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("N,K,kind", [(22016, 4096, "silu_and_mul"), (16384, 2048, "silu_and_mul"),
+                                      (8192, 2048, "relu"), (3072, 768, "gelu_tanh")])
+@pytest.mark.parametrize("weights", ["fp16", "bf16", "w8a16", "w4a16"])
+def test_decode_gemv_activation_epilogue_real_shapes(M, N, K, kind, weights):
+    """The decode MLP's up projection with its activation in the GEMV epilogue (7B, Llama-1B,
+    OPT-1.3B and GPT-2 shapes) against the GEMV followed by the activation kernel."""
+    dtype = torch.bfloat16 if weights == "bf16" else torch.float16
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    if weights in ("fp16", "bf16"):
+        w = (torch.randn(N, K, device="cuda") * 0.02).to(dtype)
+        y = skinny_linear(x, w, bias, act=kind)
+        ref = bias_act(skinny_linear(x, w), bias, kind)
+    else:
+        t = quantized(N, K, weights)
+        t["scales"] = t["scales"].t().contiguous().t()  # the layout QuantLinear keeps
+        bits = 8 if weights == "w8a16" else 4
+        y = wxa16_gemm(x, t["qweight"], t["scales"], bias, bits, act=kind)
+        ref = bias_act(wxa16_gemm(x, t["qweight"], t["scales"], None, bits), bias, kind)
+    # the same GEMV sums in the same order, and the epilogue rounds as the activation kernel does
+    assert torch.equal(y, ref)
+
+
 def _chain(x, res, layers):
     """A decode layer's kernels, as the engine launches them: norm, GEMV, activation, GEMV (fp16 and int8)."""
     for norm_w, w_up, q_down in layers:

@@ -18,7 +18,9 @@ class Sampler:
         self.vocab, self.eos, self.device = vocab, eos_token_ids, device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
-        self.sample_fn = ops_for(device).sample  # temperature, top-k, top-p, draw: one kernel on CUDA
+        ops = ops_for(device)
+        self.sample_fn = ops.sample  # temperature, top-k, top-p, draw: one kernel on CUDA
+        self.argmax_fn = ops.argmax  # greedy rows: split over the GPU on CUDA
 
     def new_generator(self, seed: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
@@ -33,7 +35,7 @@ class Sampler:
         if any(p.repetition_penalty != 1.0 or _generated(s) < p.min_new_tokens for s, p in zip(seqs, params)):
             logits = self._penalize(logits.clone(), seqs, params)  # raw stays intact for logprobs
         if all(p.greedy for p in params):
-            tokens = logits.argmax(-1)
+            tokens = self.argmax_fn(logits)
         else:
             dev = logits.device
             noise = torch.empty_like(logits).exponential_(generator=self.generator)

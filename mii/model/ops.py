@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from kernels.activation import bias_act_ref
+from kernels.argmax import argmax_ref
 from kernels.attention import decode_attention_ref, paged_attention_ref
 from kernels.norm import add_norm_ref
 from kernels.rotary import rotary_cache_ref
@@ -28,11 +29,12 @@ class Ops:
     paged_attention: Callable
     decode_attention: Callable  # rotary_cache + paged_attention for steps of one token per sequence
     sample: Callable
+    argmax: Callable  # greedy sampling
     backend: str
 
 
 REFERENCE = Ops(add_norm_ref, bias_act_ref, rotary_cache_ref, paged_attention_ref, decode_attention_ref, sample_ref,
-                "torch")
+                argmax_ref, "torch")
 
 # op name -> (module, function) of its Triton implementation, for CUDA.
 _TRITON = {
@@ -42,6 +44,7 @@ _TRITON = {
     "paged_attention": ("kernels.attention", "paged_attention"),
     "decode_attention": ("kernels.decode_attention", "decode_attention"),
     "sample": ("kernels.sampling", "sample"),
+    "argmax": ("kernels.argmax", "argmax"),
 }
 
 
