@@ -12,7 +12,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Sizes stay runtime values: one compiled kernel serves every batch and vocabulary (the
+# first greedy step of a served model would otherwise compile one, about a second).
+@triton.jit(do_not_specialize=["V", "stride", "chunk", "C"])
 def _chunk_kernel(x_ptr, val_ptr, idx_ptr, V, stride, chunk, C, BLOCK: tl.constexpr):
     """Program (row, c): the largest value in columns [c * chunk, +chunk) and its first index."""
     row, c = tl.program_id(0), tl.program_id(1)
@@ -33,7 +35,7 @@ def _chunk_kernel(x_ptr, val_ptr, idx_ptr, V, stride, chunk, C, BLOCK: tl.conste
     tl.store(idx_ptr + row * C + c, best_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C"])
 def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, CB: tl.constexpr):
     """Program row: the leftmost chunk holding the row's maximum gives the answer."""
     row = tl.program_id(0)

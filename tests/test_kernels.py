@@ -21,6 +21,7 @@ import kernels.decode_attention as dec  # noqa: E402
 import kernels.norm as norm  # noqa: E402
 import kernels.rotary as rot  # noqa: E402
 import kernels.sampling as samp  # noqa: E402
+import kernels.step_inputs as step_in  # noqa: E402
 
 if not CUDA:
     from triton.runtime.interpreter import InterpretedFunction
@@ -305,3 +306,29 @@ def test_argmax_matches_torch(S, V, block):
 def test_argmax_rejects_bad_input():
     with pytest.raises(ValueError, match=r"float logits \[rows, vocab\], got \(4,\)"):
         amax.argmax(torch.randn(4, device=DEV))
+
+
+@pytest.mark.parametrize("mixed,T,B,W,F", [(False, 3, 3, 5, 2), (False, 1, 1, 300, 1), (True, 40, 3, 7, 1),
+                                           (True, 600, 2, 4, 0)])
+def test_fill_step_inputs_matches_torch(mixed, T, B, W, F):
+    """One launch writes a step into a CUDA graph's buffers (with padding and the ids fed from
+    the last step's tokens) exactly as the torch copies do; what it must not touch stays."""
+    g = torch.Generator().manual_seed(T + B + W)
+    n_tok, n_seq, max_blocks = (T + 5, 6, 320) if not mixed else (T + 17, 8, 320)
+    def noise(*shape, dtype=torch.long):  # stale values the step must overwrite or leave
+        return torch.randint(0, 99, shape, generator=g, dtype=dtype)
+    ref = dict(input_ids=noise(700), positions=noise(700), slots=noise(700),
+               tables=noise(8, max_blocks, dtype=torch.int32), ctx_lens=noise(8, dtype=torch.int32),
+               cu=noise(9, dtype=torch.int32))
+    out = {k: v.clone().to(DEV) for k, v in ref.items()}
+    ids, pos, slots = (torch.randint(0, 1000, (T,), generator=g) for _ in range(3))
+    tables = torch.randint(0, 50, (B, W), generator=g, dtype=torch.int32)
+    ctx_lens = torch.randint(1, 90, (B,), generator=g, dtype=torch.int32)
+    cu = torch.sort(torch.randint(0, T + 1, (B + 1,), generator=g, dtype=torch.int32)).values
+    last = torch.randint(0, 1000, (4,), generator=g)
+    feed = (torch.randperm(T, generator=g)[:F], torch.randint(0, 4, (F,), generator=g), last) if F else None
+    step_in.fill_step_inputs_ref(ref, ids, pos, slots, tables, ctx_lens, cu, feed, n_tok, n_seq, mixed)
+    dev = [t.to(DEV) for t in (ids, pos, slots, tables, ctx_lens, cu)]
+    step_in.fill_step_inputs(out, *dev, tuple(t.to(DEV) for t in feed) if feed else None, n_tok, n_seq, mixed)
+    for k in ref:
+        assert torch.equal(out[k].cpu(), ref[k]), k

@@ -13,8 +13,8 @@ device), so one capture serves any batch of the same padded shape:
   the final norm and LM head run eagerly on the rows that sample, so a 2,048-token
   prefill does not pay for 256 rows of logits.
 
-Inputs are copied into fixed buffers and the graph for the smallest fitting bucket is
-replayed. All graphs share one memory pool, the largest captured first.
+Inputs are copied into fixed buffers, in one launch (``kernels/step_inputs.py``), and the
+graph for the smallest fitting bucket is replayed. All graphs share one memory pool, the largest captured first.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from kernels.step_inputs import fill_step_inputs
 from mii.model.decoder import BatchContext, DecoderModel
 from mii.model.ops import Ops
 
@@ -62,6 +63,9 @@ class StepGraphs:
         self.cu = torch.zeros(max_seqs + 1, dtype=torch.int32, **z)
         self.ctx_lens = torch.ones(max_seqs, dtype=torch.int32, **z)
         self.rows = torch.arange(max_seqs, dtype=torch.long, **z)
+        self.buffers = dict(input_ids=self.input_ids, positions=self.positions, slots=self.slots, tables=self.tables,
+                            ctx_lens=self.ctx_lens, cu=self.cu)
+        self.fill = fill_step_inputs  # fill_step_inputs_ref for A/B benchmarks
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int], object] = {}
         self.pool = None
@@ -96,6 +100,12 @@ class StepGraphs:
                 self.outputs[kind, n] = fn()
             self.pool = g.pool()
             self.graphs[kind, n] = g
+        # compile the input fill for both kinds now, not on the first step that needs it
+        one = torch.zeros(1, dtype=torch.long, device=self.device)
+        one32 = torch.zeros(1, dtype=torch.int32, device=self.device)
+        for mixed in (False, True):
+            self.fill(self.buffers, one, one, one, one32.view(1, 1), one32 + 1, torch.zeros(2, dtype=torch.int32,
+                      device=self.device), (one, one, one), 1, 1, mixed)
         self.ctx_lens.fill_(1)
         torch.cuda.synchronize()
 
@@ -107,22 +117,16 @@ class StepGraphs:
             return "decode", next(s for s in self.sizes if s >= B)
         return next((("mixed", t) for t in self.token_sizes if t >= T), None)
 
-    def run(self, key: tuple[str, int], input_ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
-        """Logits for the step's sampling rows."""
+    def run(self, key: tuple[str, int], input_ids: torch.Tensor, ctx: BatchContext,
+            feed: tuple | None = None) -> torch.Tensor:
+        """Logits for the step's sampling rows. ``feed``: see ``ModelRunner.forward``."""
         kind, n = key
-        T, (B, w) = input_ids.shape[0], ctx.block_tables.shape
-        self.input_ids[:T].copy_(input_ids)
-        self.positions[:T].copy_(ctx.positions)
-        self.slots[:T].copy_(ctx.slot_mapping)
-        self.slots[T:n].fill_(-1)
-        self.tables[:B, :w].copy_(ctx.block_tables)
-        self.ctx_lens[:B].copy_(ctx.context_lens)
-        if kind == "decode":
-            self.ctx_lens[B:n].fill_(1)
-            self.graphs[key].replay()
-            return self.outputs[key][:B]
-        self.cu[:B + 1].copy_(ctx.cu_seqlens_q)
-        self.cu[B + 1:].fill_(T)  # padding sequences: empty
+        T, B = input_ids.shape[0], ctx.block_tables.shape[0]
+        mixed = kind == "mixed"
+        self.fill(self.buffers, input_ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
+                         ctx.context_lens, ctx.cu_seqlens_q, feed, n, self.max_seqs if mixed else n, mixed)
         self.graphs[key].replay()
+        if not mixed:
+            return self.outputs[key][:B]
         x, residual = self.outputs[key]
         return self.model.head(x[:T], residual[:T], ctx.logits_indices, self.ops)

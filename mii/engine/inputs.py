@@ -67,15 +67,25 @@ class StepInputs:
         """Copy without blocking (pinned memory) and split. With ``last_tokens`` the fed ids
         are gathered from it on the device, so the host never waits for the last step;
         without, they stay 0 for the caller to fill (tensor-parallel peers receive them)."""
+        ids, ctx, feed = self.to_device_deferred(device, last_tokens)
+        if feed is not None:
+            dst, src, last = feed
+            ids[dst] = last[src]
+        return ids, ctx
+
+    def to_device_deferred(self, device: torch.device, last_tokens: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, BatchContext, tuple | None]:
+        """As :meth:`to_device`, but the feed is returned, as (dst, src, last_tokens), for the
+        consumer to apply (``ids[dst] = last_tokens[src]``): a CUDA-graph step does it in the
+        same launch that fills the graph's buffers."""
         T, B, W, S, F = self.sizes
         longs = self.longs.to(device, non_blocking=True)
         ints = self.ints.to(device, non_blocking=True)
         ids, pos, slots, rows, dst, src = longs.split([T, T, T, S, F, F])
-        if F and last_tokens is not None:
-            ids[dst] = last_tokens[src]
         tables, cu, ctx_lens = ints.split([B * W, B + 1, B])
-        return ids, BatchContext(positions=pos, slot_mapping=slots, block_tables=tables.view(B, W),
-                                 cu_seqlens_q=cu, context_lens=ctx_lens, logits_indices=rows)
+        ctx = BatchContext(positions=pos, slot_mapping=slots, block_tables=tables.view(B, W),
+                           cu_seqlens_q=cu, context_lens=ctx_lens, logits_indices=rows)
+        return ids, ctx, (dst, src, last_tokens) if F and last_tokens is not None else None
 
     # -- the wire between tensor-parallel ranks ---------------------------------------
     def header(self) -> torch.Tensor:

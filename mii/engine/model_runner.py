@@ -104,23 +104,28 @@ class ModelRunner:
     def pack(self, batch: list[ScheduledSeq]) -> StepInputs:
         return StepInputs.pack(batch, self.block_size, self._last_rows, pin=self.device.type == "cuda")
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, BatchContext]:
-        """The step's inputs on the device; ids still in flight come from the last step."""
-        return self.pack(batch).to_device(self.device, self._last_tokens)
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, BatchContext, tuple | None]:
+        """The step's inputs on the device, and the ids still in flight from the last step
+        as a feed for :meth:`forward` to apply (see ``StepInputs.to_device_deferred``)."""
+        return self.pack(batch).to_device_deferred(self.device, self._last_tokens)
 
     @torch.inference_mode()
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """[S, vocab] float32 logits for the sequences that sample this step."""
         return self.forward(*self.prepare(batch))
 
-    def forward(self, input_ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, ctx: BatchContext, feed: tuple | None = None) -> torch.Tensor:
         """Replays a CUDA graph where one fits the step's shape (a choice made from shapes
-        alone, so every tensor-parallel rank makes the same one), else runs eagerly."""
+        alone, so every tensor-parallel rank makes the same one), else runs eagerly.
+        ``feed`` = (dst, src, last): ``input_ids[dst] = last[src]`` first."""
         if self.graphs is not None:
             (B, W), S = ctx.block_tables.shape, ctx.logits_indices.numel()
             key = self.graphs.key(input_ids.numel(), B, S, W)
             if key is not None:
-                return self.graphs.run(key, input_ids, ctx)
+                return self.graphs.run(key, input_ids, ctx, feed)
+        if feed is not None:
+            dst, src, last = feed
+            input_ids[dst] = last[src]
         return self.model(input_ids, ctx, self.ops)
 
     def shutdown(self) -> None:

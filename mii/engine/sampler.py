@@ -21,6 +21,8 @@ class Sampler:
         ops = ops_for(device)
         self.sample_fn = ops.sample  # temperature, top-k, top-p, draw: one kernel on CUDA
         self.argmax_fn = ops.argmax  # greedy rows: split over the GPU on CUDA
+        if device.type == "cuda":  # compile it now rather than in the first request's step
+            self.argmax_fn(torch.zeros(1, vocab, device=device))
 
     def new_generator(self, seed: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
