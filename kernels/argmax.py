@@ -46,6 +46,9 @@ def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, CB: tl.constexpr):
     tl.store(out_ptr + row, tl.sum(tl.where(c == best_c, i, 0), 0).to(tl.int64))
 
 
+MAX_CHUNKS = 128
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -62,14 +65,15 @@ def argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
         return out.fill_(0)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    # about two programs per SM in all, each chunk a whole number of blocks
-    C = max(1, min(triton.cdiv(2 * _num_sms(logits.device), S), triton.cdiv(V, block)))
+    # about two programs per SM in all (at most MAX_CHUNKS per row, so that the second
+    # launch has one compiled shape), each chunk a whole number of blocks
+    C = max(1, min(triton.cdiv(2 * _num_sms(logits.device), S), triton.cdiv(V, block), MAX_CHUNKS))
     chunk = triton.cdiv(triton.cdiv(V, C), block) * block
     C = triton.cdiv(V, chunk)
     val = torch.empty(S * C, dtype=torch.float32, device=logits.device)
     idx = torch.empty(S * C, dtype=torch.int32, device=logits.device)
     _chunk_kernel[(S, C)](logits, val, idx, V, logits.stride(0), chunk, C, BLOCK=block, num_warps=4)
-    _pick_kernel[(S,)](val, idx, out, C, CB=max(16, triton.next_power_of_2(C)), num_warps=1)
+    _pick_kernel[(S,)](val, idx, out, C, CB=MAX_CHUNKS, num_warps=1)
     return out
 
 
