@@ -78,7 +78,7 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
         lines.append("")
     for p in sorted(Path(results).glob("gemv-*.json")):
         g = json.loads(p.read_text())
-        lines += [f"## Weight-only GEMMs at decode batch sizes, 7B shapes ({p.stem[5:]})", "",
+        lines += [f"## Weight-only GEMMs at decode batch sizes, {g.get('model', 'llama-7b')} shapes ({p.stem[5:]})", "",
                   f"{g['device']}, {g['date']}; {g['dtype']} activations, group 128; GB/s of weight (+ scale) bytes "
                   f"and % of the copy bandwidth ({g['copy_bw_gb_s']:.0f} GB/s); `python -m benchmarks.gemv`.", "",
                   f"PDL on: {g.get('pdl', False)} (each call may start while the one before finishes, as in "
