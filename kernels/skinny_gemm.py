@@ -172,7 +172,7 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
                   prefetch: int | None = None, min_tiles: int = 4) -> dict:
     """Launch parameters of the M <= 16 kernel: [BN, BK] tiles (BK capped by the group), and
     enough K-splits that about ``waves`` programs per SM stream at once (so every SM has
-    loads in flight while the last ones finish), keeping at least 4 K-tiles per split.
+    loads in flight while the last ones finish), keeping at least ``min_tiles`` K-tiles per split.
 
     The defaults, mma.sync on 2 warps with the operands converted in registers and about
     4 programs per SM, were the fastest for W4A16 in a sweep on an H100 (2026-11-22, triton

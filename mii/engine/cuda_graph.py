@@ -14,7 +14,8 @@ device), so one capture serves any batch of the same padded shape:
   prefill does not pay for 256 rows of logits.
 
 Inputs are copied into fixed buffers, in one launch (``kernels/step_inputs.py``), and the
-graph for the smallest fitting bucket is replayed. All graphs share one memory pool, the largest captured first.
+graph for the smallest fitting bucket is replayed. All graphs share one memory pool, the
+largest captured first.
 """
 from __future__ import annotations
 
@@ -100,12 +101,13 @@ class StepGraphs:
                 self.outputs[kind, n] = fn()
             self.pool = g.pool()
             self.graphs[kind, n] = g
-        # compile the input fill for both kinds now, not on the first step that needs it
-        one = torch.zeros(1, dtype=torch.long, device=self.device)
-        one32 = torch.zeros(1, dtype=torch.int32, device=self.device)
+        # compile the input fill for both kinds now, not in the first step that needs it: a
+        # one-token, one-sequence step fed from a one-token last step
+        zero = torch.zeros(1, dtype=torch.long, device=self.device)
+        table, ctx_len = torch.zeros(1, 1, dtype=torch.int32, device=self.device), self.ctx_lens[:1].clone()
+        cu = torch.tensor([0, 1], dtype=torch.int32, device=self.device)
         for mixed in (False, True):
-            self.fill(self.buffers, one, one, one, one32.view(1, 1), one32 + 1, torch.zeros(2, dtype=torch.int32,
-                      device=self.device), (one, one, one), 1, 1, mixed)
+            self.fill(self.buffers, zero, zero, zero, table, ctx_len, cu, (zero, zero, zero), 1, 1, mixed)
         self.ctx_lens.fill_(1)
         torch.cuda.synchronize()
 
@@ -123,8 +125,8 @@ class StepGraphs:
         kind, n = key
         T, B = input_ids.shape[0], ctx.block_tables.shape[0]
         mixed = kind == "mixed"
-        self.fill(self.buffers, input_ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
-                         ctx.context_lens, ctx.cu_seqlens_q, feed, n, self.max_seqs if mixed else n, mixed)
+        self.fill(self.buffers, input_ids, ctx.positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
+                  ctx.cu_seqlens_q, feed, n, self.max_seqs if mixed else n, mixed)
         self.graphs[key].replay()
         if not mixed:
             return self.outputs[key][:B]
