@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .skinny_gemm import _num_sms
+
 
 # Sizes stay runtime values: one compiled kernel serves every batch and vocabulary (the
 # first greedy step of a served model would otherwise compile one, about a second).
@@ -47,12 +49,6 @@ def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, CB: tl.constexpr):
 
 
 MAX_CHUNKS = 128
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter: still more than one chunk per row
 
 
 def argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:

@@ -23,6 +23,7 @@ from . import pdl
 from .pdl import enter, gdc_launch_dependents, gdc_wait
 
 from .rotary import _rotary_lanes, _rotate_tile
+from .skinny_gemm import _num_sms  # 4 in the interpreter: a few programs, still several slices per sequence
 
 LOG2E = 1.4426950408889634
 
@@ -271,12 +272,6 @@ def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), *more.items()):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim, got strides {t.stride()}")
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few programs, still several slices per sequence
 
 
 def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, alibi_slopes,
