@@ -126,9 +126,13 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"{t['allreduce_us']:.1f} us"
                   + (f" replayed in a CUDA graph ({t['allreduce_eager_us']:.1f} us launched eagerly)"
                      if "allreduce_eager_us" in t else " launched eagerly")
-                  + ("; inside the engine's TP=2 step (profiled, waits for the slower rank included) the all-reduces take "
+                  + ("; inside the engine's TP=2 step (profiled, waits for the slower rank included) the all-reduces "
+                     "(with the norms they are fused with, where they are) take "
                      if "tp2_profile" in t else "; 2 per layer = ")
-                  + f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the TP=2 step.", ""]
+                  + f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the TP=2 step.",
+                  *([f"- all-reduce, residual add and RMSNorm of one token, 64 in a CUDA graph: "
+                     f"{t['peer_then_norm_us']:.1f} us as two kernels, {t['fused_norm_us']:.1f} us fused."]
+                    if "fused_norm_us" in t else []), ""]
         if "tp2_profile" in t:  # rank 0's kernels per decode step (`--profile`), TP=1 against TP=2
             p1, p2 = t["tp1_profile"], t["tp2_profile"]
             lines += ["Rank 0's GPU kernels per bs=1 decode step (us; torch.profiler over 32 steps, graph replays "

@@ -10,19 +10,9 @@ from .pdl import enter
 
 
 @triton.jit
-def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
-                     stride_x, stride_r, stride_y, stride_h,
-                     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr = False):
-    enter(PDL)  # see kernels/pdl.py
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RES:
-        # The sum is rounded to x's dtype before the statistics, as the unfused model does.
-        h = h + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+def norm_row(h, w_ptr, b_ptr, cols, mask, N, eps, HAS_BIAS: tl.constexpr, RMS: tl.constexpr):
+    """norm(h) * w (+ b) of one row h, held in the activation dtype (the residual sum's
+    rounding), with the statistics in float32: the rounding of :func:`add_norm_ref`."""
     hf = h.to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if RMS:
@@ -38,7 +28,30 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
         y = d * rstd * w
         if HAS_BIAS:
             y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
+                     stride_x, stride_r, stride_y, stride_h,
+                     HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    enter(PDL)  # see kernels/pdl.py
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        # The sum is rounded to x's dtype before the statistics, as the unfused model does.
+        h = h + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+    y = norm_row(h, w_ptr, b_ptr, cols, mask, N, eps, HAS_BIAS, RMS)
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def norm_warps(block: int) -> int:
+    """Warps for one program per row of ``block`` (power of two) columns."""
+    return min(max(block // 512, 1), 16)
 
 
 def add_norm(
@@ -69,7 +82,7 @@ def add_norm(
             x2, r2, weight, weight if bias is None else bias, y, h2, N, eps,
             x2.stride(0), r2.stride(0), y.stride(0), h2.stride(0),
             HAS_RES=residual is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK=BLOCK,
-            num_warps=min(max(BLOCK // 512, 1), 16), **pdl.launch_args(x.device))
+            num_warps=norm_warps(BLOCK), **pdl.launch_args(x.device))
     return y.view(x.shape), h
 
 

@@ -116,7 +116,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_w
 def default_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> dict:
     """Launch parameters by shape: the weight-streaming kernel for M <= 16, GEMM tiles above."""
     if M <= SKINNY_M:
-        return skinny_config(N, K, group, _num_sms(device))
+        return skinny_config(N, K, group, _num_sms(device), bits=bits)
     bm = 64 if M <= 64 else 128
     return dict(kind="gemm", BM=bm, BN=128, BK=min(group, 64), GROUP_M=8, num_warps=4 if bm == 64 else 8,
                 num_stages=4)

@@ -165,11 +165,15 @@ def _num_sms(device: torch.device) -> int:
 
 SKINNY_M = 16  # up to this many rows (decode batches) take the weight-streaming kernel
 SKINNY_PREFETCH = 1  # tiles per program pulled into L2 before waiting on the kernel before (PDL)
+# A weight of at most this many bytes is pulled into L2 whole, each program prefetching its
+# entire slice before its PDL wait: small GEMVs follow latency-bound kernels (decode
+# attention, norms) during which HBM would otherwise sit idle.
+SKINNY_PREFETCH_WHOLE_BYTES = 0
 
 
 def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 128, num_warps: int = 2,
                   num_stages: int = 3, waves: int = 4, U: int = 1, A_REGS: bool = True,
-                  prefetch: int | None = None, min_tiles: int = 4) -> dict:
+                  prefetch: int | None = None, min_tiles: int = 4, bits: int = 16) -> dict:
     """Launch parameters of the M <= 16 kernel: [BN, BK] tiles (BK capped by the group), and
     enough K-splits that about ``waves`` programs per SM stream at once (so every SM has
     loads in flight while the last ones finish), keeping at least ``min_tiles`` K-tiles per split.
@@ -182,9 +186,13 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
     shared-memory traffic. 8 programs per SM cost 3-10%.
     """
     BK = min(group, BK)
-    prefetch = SKINNY_PREFETCH if prefetch is None else prefetch
     bands, tiles = triton.cdiv(N, BN), K // BK
     split = max(1, min(triton.cdiv(waves * sms, bands), tiles // min_tiles, triton.cdiv(tiles, U)))
+    if prefetch is None:
+        whole = N * K * bits // 8 <= SKINNY_PREFETCH_WHOLE_BYTES
+        # A power of two: the kernel prefetches [BN, lines] at once (past the slice's end, the
+        # lines of the next split, which its own program prefetches too).
+        prefetch = triton.next_power_of_2(triton.cdiv(tiles, split)) if whole else SKINNY_PREFETCH
     return dict(kind="skinny", BM=SKINNY_M, BN=BN, BK=BK, U=U, A_REGS=A_REGS, SPLIT_K=split, num_warps=num_warps,
                 num_stages=num_stages, PREFETCH=prefetch)
 

@@ -57,6 +57,45 @@ def test_one_shot_all_reduce_interpreted(world, dtype):
     assert all(int(p.abs().sum()) == 0 for p in pads)  # every flag raised was lowered
 
 
+def _fused_rank(r, world, n, xs, residual, lbias, w, b, bufs_t, pads_t, ys, hs):
+    os.environ["TRITON_INTERPRET"] = "1"  # a fresh spawned process: before triton loads
+    from kernels.allreduce import PeerAllReduce
+    ar = PeerAllReduce.__new__(PeerAllReduce)  # the buffers are shared CPU memory, not symm-mem
+    ar.world, ar.rank, ar.max_bytes = world, r, bufs_t[0].numel()
+    ar.bufs = torch.tensor([t.data_ptr() for t in bufs_t], dtype=torch.int64)
+    ar.pads = torch.tensor([t.data_ptr() for t in pads_t], dtype=torch.int64)
+    for call, (rms, has_bias) in enumerate(((True, False), (False, True))):
+        y, h = ar.add_norm(xs[r], lbias if has_bias else None, residual, w, b if has_bias else None, 1e-5, rms)
+        ys[r][call].copy_(y)
+        hs[r][call].copy_(h)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_reduce_add_norm_interpreted(world):
+    """The fused all-reduce + bias + residual + norm against the unfused chain: the sum in rank
+    order, ``+ bias``, then ``kernels.norm.add_norm`` (bit for bit) and its torch reference."""
+    from kernels.norm import add_norm, add_norm_ref
+    T, n, dtype = 3, 96, torch.float16  # a ragged row: BLOCK 128
+    g = torch.Generator().manual_seed(world)
+    xs = [torch.randn(T, n, generator=g).to(dtype).share_memory_() for _ in range(world)]
+    residual, lbias = torch.randn(T, n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    w, b = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype), torch.randn(n, generator=g).to(dtype)
+    bufs = [torch.zeros(T * n * 2, dtype=torch.uint8).share_memory_() for _ in range(world)]
+    pads = [torch.zeros(4096, dtype=torch.int32).share_memory_() for _ in range(world)]
+    ys = [torch.zeros(2, T, n, dtype=dtype).share_memory_() for _ in range(world)]
+    hs = [torch.zeros(2, T, n, dtype=dtype).share_memory_() for _ in range(world)]
+    _run_ranks(world, _fused_rank, (world, n, xs, residual, lbias, w, b, bufs, pads, ys, hs), timeout=240)
+    total = sum(x.float() for x in xs).to(dtype)  # fp32, rank order
+    for call, (rms, has_bias) in enumerate(((True, False), (False, True))):
+        summed = total + lbias if has_bias else total
+        want = add_norm(summed, residual, w, b if has_bias else None, 1e-5, rms)
+        ref = add_norm_ref(summed, residual, w, b if has_bias else None, 1e-5, rms)
+        for r in range(world):
+            assert torch.equal(hs[r][call], want[1]) and torch.equal(ys[r][call], want[0]), (r, call)
+            torch.testing.assert_close(ys[r][call], ref[0], rtol=1e-3, atol=2e-3)
+    assert all(int(p.abs().sum()) == 0 for p in pads)
+
+
 def _gpu_rank(r, world, port, q):
     import torch.distributed as dist
     from kernels.allreduce import PeerAllReduce
@@ -87,6 +126,17 @@ def _gpu_rank(r, world, port, q):
         for b, v in zip(bufs, src):
             dist.all_reduce(v)
             ok.append(bool(torch.allclose(b.float(), v.float(), rtol=1e-2, atol=1e-2)))
+    # the fused all-reduce + bias + residual + norm, bit for bit against the unfused kernels
+    from kernels.norm import add_norm
+    for T, rms in ((1, True), (16, False)):
+        g = torch.Generator(device="cuda").manual_seed(r)
+        x = torch.randn(T, 4096, device="cuda", dtype=torch.float16, generator=g)
+        res, lb, w, b = (torch.randn(*s, device="cuda", dtype=torch.float16) for s in ((T, 4096), (4096,),
+                                                                                       (4096,), (4096,)))
+        dist.broadcast(res, 0)
+        y, h = ar.add_norm(x, lb, res, w, None if rms else b, 1e-5, rms)
+        want = add_norm(ar(x.clone()) + lb, res, w, None if rms else b, 1e-5, rms)
+        ok.append(bool(torch.equal(y, want[0]) and torch.equal(h, want[1])))
     torch.cuda.synchronize()
     q.put((r, ok))
     dist.barrier()

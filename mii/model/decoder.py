@@ -14,7 +14,7 @@ import torch.nn as nn
 from mii.policies.base import ModelSpec, alibi_slopes
 from .layers import GatedUpLinear, Linear, Norm, PositionEmbedding, QKVLinear, VocabEmbedding
 from .ops import Ops
-from .parallel import TP
+from .parallel import TP, Partial
 from .quant import norm_quant
 
 
@@ -42,7 +42,8 @@ class Attention(nn.Module):
         self.window = spec.sliding_window
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
 
-    def forward(self, x: torch.Tensor, ctx: BatchContext, ops: Ops, cos_sin, alibi) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: BatchContext, ops: Ops, cos_sin, alibi,
+                defer: bool = False) -> torch.Tensor | Partial:
         qkv = self.qkv(x)  # x may be an int8 activation (W8A8), so the shape comes from qkv
         T, D = qkv.shape[0], self.head_dim
         sizes = [self.heads * D, self.kv_heads * D, self.kv_heads * D]
@@ -56,7 +57,7 @@ class Attention(nn.Module):
             q = ops.rotary_cache(q, k, v, *cache_args)
             o = ops.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
                                     ctx.context_lens, self.scale, alibi, self.window)
-        return self.o(o.reshape(T, self.heads * D))
+        return self.o(o.reshape(T, self.heads * D), defer=defer)
 
 
 class MLP(nn.Module):
@@ -69,10 +70,10 @@ class MLP(nn.Module):
         self.down = Linear(spec.intermediate, spec.hidden, spec.mlp_bias, "row", dtype)
         self.act = spec.activation
 
-    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: Ops, defer: bool = False) -> torch.Tensor | Partial:
         if ops.backend == "triton" and self.up.fuses_act(x):  # decode: the activation rides in up's GEMV
-            return self.down(self.up(x, act=self.act))
-        return self.down(ops.bias_act(self.up(x), self.up.bias, self.act))
+            return self.down(self.up(x, act=self.act), defer=defer)
+        return self.down(ops.bias_act(self.up(x), self.up.bias, self.act), defer=defer)
 
 
 class Block(nn.Module):
@@ -88,23 +89,38 @@ class Block(nn.Module):
         self.mlp = MLP(spec, dtype)
 
     def forward(self, x, residual, ctx: BatchContext, ops: Ops, cos_sin, alibi):
+        """x: the previous block's output, or its :class:`Partial` under TP (reduced by the norm
+        here); returns this block's the same way."""
         first = (self.attn.qkv, self.mlp.up) if self.shared_norm else (self.attn.qkv,)
         h, residual = self.norm(x, residual, self.ln1, ops, *first)
-        a = self.attn(h, ctx, ops, cos_sin, alibi)
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x)); GPT-J reuses ln1's output
+            a = self.attn(h, ctx, ops, cos_sin, alibi)
             if not self.shared_norm:
                 h, _ = self.norm(residual, None, self.ln2, ops, self.mlp.up)
             return a + self.mlp(h, ops), residual
+        a = self.attn(h, ctx, ops, cos_sin, alibi, defer=True)
         h, residual = self.norm(a, residual, self.ln2, ops, self.mlp.up)
-        return self.mlp(h, ops), residual
+        return self.mlp(h, ops, defer=True), residual
 
     @staticmethod
     def norm(x, residual, norm: Norm, ops: Ops, *consumers: nn.Module):
         """(norm(x + residual), x + residual). When the linears it feeds take int8 (W8A8),
         the per-token quantization is fused into the norm and they get an ``Int8Act``."""
-        if all(getattr(m, "takes_int8", False) for m in consumers):
-            return norm_quant(x, residual, norm)
-        return ops.add_norm(x, residual, norm.weight, norm.bias, norm.eps, norm.rms)
+        return add_norm(x, residual, norm, ops, all(getattr(m, "takes_int8", False) for m in consumers))
+
+
+def add_norm(x: torch.Tensor | Partial, residual: torch.Tensor | None, norm: Norm, ops: Ops, int8: bool = False):
+    """(norm(x + residual), x + residual), per-token int8 with ``int8``. A :class:`Partial` x
+    (a row-parallel linear's output under TP) is summed over the ranks first: in the norm's
+    own kernel where the peer-memory all-reduce takes it (decode sizes on one host)."""
+    if isinstance(x, Partial):
+        peer = TP.peer_all_reduce
+        if not int8 and peer is not None and peer.fits_rows(x.x):
+            return peer.add_norm(x.x, x.bias, residual, norm.weight, norm.bias, norm.eps, norm.rms)
+        x = x.reduced()
+    if int8:
+        return norm_quant(x, residual, norm)
+    return ops.add_norm(x, residual, norm.weight, norm.bias, norm.eps, norm.rms)
 
 
 class DecoderModel(nn.Module):
@@ -147,18 +163,22 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops) -> torch.Tensor:
         """Logits for the rows ``ctx.logits_indices`` ([S, vocab], float32)."""
-        x, residual = self.hidden(input_ids, ctx, ops)
+        x, residual = self._blocks(input_ids, ctx, ops)
         return self.head(x, residual, ctx.logits_indices, ops)
 
     def hidden(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's (out, residual) for every token; their sum is the hidden state."""
+        x, residual = self._blocks(input_ids, ctx, ops)
+        return (x.reduced() if isinstance(x, Partial) else x), residual
+
+    def _blocks(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops):
         x, residual = self.embed_input(input_ids, ctx.positions, ops), None
         for layer in self.layers:
             x, residual = layer(x, residual, ctx, ops, self.cos_sin, self.alibi)
         return x, residual
 
-    def head(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor, ops: Ops) -> torch.Tensor:
+    def head(self, x: torch.Tensor | Partial, residual: torch.Tensor, rows: torch.Tensor, ops: Ops) -> torch.Tensor:
         """Final norm and LM head on the given rows only: float32 logits."""
-        n = self.final_norm
-        h, _ = ops.add_norm(x[rows], residual[rows], n.weight, n.bias, n.eps, n.rms)
+        x = x.rows(rows) if isinstance(x, Partial) else x[rows]
+        h, _ = add_norm(x, residual[rows], self.final_norm, ops)
         return self.lm_head.logits(h).float()

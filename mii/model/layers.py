@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kernels.skinny_gemm import SKINNY_M, skinny_linear
 
-from .parallel import TP, all_gather_last_dim, all_reduce, split
+from .parallel import TP, Partial, all_gather_last_dim, all_reduce, split
 
 
 class DecodeGemv:
@@ -83,16 +83,17 @@ class Linear(nn.Module):
         a column-split (or whole) layer, whose outputs are this rank's to activate."""
         return self.kind != "row" and _skinny(x, self.weight)
 
-    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: str | None = None, defer: bool = False) -> torch.Tensor | Partial:
         """``act``: a ``kernels.activation`` kind; the layer returns ``bias_act(x W^T, bias, act)``
         from its decode kernel's epilogue (when :meth:`fuses_act` says it can), so a decode
-        step's MLP runs no separate activation kernel."""
+        step's MLP runs no separate activation kernel. ``defer``: a row-parallel layer under
+        TP returns its :class:`Partial` output, for the norm after it to reduce."""
         if act is not None and self.kind == "row":
             raise ValueError("a row-parallel linear's outputs are partial sums: it cannot apply an activation")
         bias = self.bias if self.fuse_bias or act is not None else None
         if self.kind == "row" and TP.size > 1:
-            y = all_reduce(linear(x, self.weight))
-            return y if bias is None else y + bias  # bias once, after the sum
+            y = Partial(linear(x, self.weight), bias)
+            return y if defer else y.reduced()
         return linear(x, self.weight, bias, act)
 
 

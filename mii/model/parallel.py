@@ -41,6 +41,23 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@dataclass(slots=True)
+class Partial:
+    """A row-parallel linear's output before its all-reduce and bias. A decoder block hands it
+    to the norm that follows, which sums it over the ranks in the same kernel where it can
+    (``kernels.allreduce.PeerAllReduce.add_norm``)."""
+
+    x: torch.Tensor
+    bias: torch.Tensor | None
+
+    def reduced(self) -> torch.Tensor:
+        y = all_reduce(self.x)
+        return y if self.bias is None else y + self.bias  # bias once, after the sum
+
+    def rows(self, index: torch.Tensor) -> Partial:
+        return Partial(self.x[index], self.bias)
+
+
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     if TP.size == 1:
         return x

@@ -29,7 +29,7 @@ from kernels.quant_gemm import dequantize_ref, pack_int4, wxa16_gemm, wxa16_gemm
 from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_ref
 from mii.policies.base import DEFAULT_QUANTIZABLE
 from .layers import GatedUpLinear, Linear, Norm, QKVLinear, _param, decode_sized
-from .parallel import TP, all_reduce
+from .parallel import TP, Partial
 
 MODES = ("w8a16", "w4a16", "w8a8")
 DEFAULT_GROUP_SIZE = 128
@@ -196,11 +196,12 @@ class QuantLinear(nn.Module):
     def _gemm_bias(self) -> torch.Tensor | None:
         return self.bias if self.fuse_bias and self.kind != "row" else None
 
-    def _finish(self, y: torch.Tensor) -> torch.Tensor:
-        if self.kind == "row":
-            y = all_reduce(y)
-            if self.fuse_bias and self.bias is not None:
-                y = y + self.bias  # bias once, after the sum
+    def _finish(self, y: torch.Tensor, defer: bool) -> torch.Tensor | Partial:
+        if self.kind == "row" and TP.size > 1:  # see Linear.forward
+            y = Partial(y, self.bias if self.fuse_bias else None)
+            return y if defer else y.reduced()
+        if self.kind == "row" and self.fuse_bias and self.bias is not None:
+            y = y + self.bias
         return y
 
     @property
@@ -212,25 +213,27 @@ class QuantLinear(nn.Module):
         """As on ``Linear``: W8A16/W4A16 decode applies the activation in its kernel's epilogue."""
         return self.mode != "w8a8" and self.kind != "row" and decode_sized(x)
 
-    def forward(self, x: torch.Tensor | Int8Act, act: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Int8Act, act: str | None = None, defer: bool = False
+                ) -> torch.Tensor | Partial:
         if act is not None:  # see Linear.forward
             if not (isinstance(x, torch.Tensor) and self.fuses_act(x)):
                 raise ValueError(f"this {self.mode} layer cannot fuse an activation on this input")
             return wxa16_gemm(x, self.qweight, self.scales, self.bias, self.bits, act=act)
         if isinstance(x, Int8Act):
-            return self.forward_int8(*x)
+            return self.forward_int8(*x, defer=defer)
         if self.mode == "w8a8":
             xq, x_scale = (quant_per_token if _on_gpu(x) else quant_per_token_ref)(x)
-            return self.forward_int8(xq, x_scale, x.dtype)
+            return self.forward_int8(xq, x_scale, x.dtype, defer)
         gemm = wxa16_gemm if _on_gpu(x) else wxa16_gemm_ref
-        return self._finish(gemm(x, self.qweight, self.scales, self._gemm_bias(), self.bits))
+        return self._finish(gemm(x, self.qweight, self.scales, self._gemm_bias(), self.bits), defer)
 
-    def forward_int8(self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def forward_int8(self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype, defer: bool = False
+                     ) -> torch.Tensor | Partial:
         """w8a8 on activations already quantized per token (by ``kernels.quant_act.add_norm_quant``)."""
         if self.mode != "w8a8":
             raise ValueError(f"forward_int8 needs mode 'w8a8', this layer is {self.mode!r}")
         gemm = w8a8_gemm if _on_gpu(xq) else w8a8_gemm_ref
-        return self._finish(gemm(xq, x_scale, self.qweight, self.scales, self._gemm_bias(), dtype))
+        return self._finish(gemm(xq, x_scale, self.qweight, self.scales, self._gemm_bias(), dtype), defer)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, mode={self.mode}, group={self.group_size}, "
