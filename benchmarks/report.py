@@ -111,7 +111,8 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                         f"{r['w8a8_tops']:.0f}", f"{r['speedup']:.2f}x"]) for r in g["rows"]] + [""]
     for p in sorted(Path(results).glob("tp-*.json")):
         t = json.loads(p.read_text())
-        lines += [f"## Tensor parallel, {t['model']}", "", f"{t['device']}, {t['date']}, torch {t['torch']}; "
+        mode = f" {t['quantize'].upper()}" if t.get("quantize") else ""
+        lines += [f"## Tensor parallel, {t['model']}{mode}", "", f"{t['device']}, {t['date']}, torch {t['torch']}; "
                   f"CUDA graphs: {t['tp2'].get('graphs')}.", "",
                   f"- bs=1 decode: TP=1 {t['tp1']['bs1_ms_per_step']:.2f} ms/step, TP=2 "
                   f"{t['tp2']['bs1_ms_per_step']:.2f} ms/step: {t['latency_ratio']:.2f}x the TP=1 latency.",
@@ -122,14 +123,15 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   *([f"- TP=2 with NCCL doing every all-reduce: {t['tp2_nccl']['bs1_ms_per_step']:.2f} ms/step "
                      f"({t['tp2_nccl']['bs1_ms_per_step'] / t['tp1']['bs1_ms_per_step']:.2f}x); one NCCL all-reduce "
                      f"in a graph {t['allreduce_nccl_us']:.1f} us."] if "tp2_nccl" in t else []),
-                  f"- all-reduce of one token's hidden state ({t.get('allreduce_kind', 'NCCL')}): "
-                  f"{t['allreduce_us']:.1f} us"
-                  + (f" replayed in a CUDA graph ({t['allreduce_eager_us']:.1f} us launched eagerly)"
-                     if "allreduce_eager_us" in t else " launched eagerly")
-                  + ("; inside the engine's TP=2 step (profiled, waits for the slower rank included) the all-reduces "
-                     "(with the norms they are fused with, where they are) take "
-                     if "tp2_profile" in t else "; 2 per layer = ")
-                  + f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the TP=2 step.",
+                  *([f"- all-reduce of one token's hidden state ({t.get('allreduce_kind', 'NCCL')}): "
+                     f"{t['allreduce_us']:.1f} us"
+                     + (f" replayed in a CUDA graph ({t['allreduce_eager_us']:.1f} us launched eagerly)"
+                        if "allreduce_eager_us" in t else " launched eagerly")
+                     + ("; inside the engine's TP=2 step (profiled, waits for the slower rank included) the all-reduces "
+                        "(with the norms they are fused with, where they are) take "
+                        if "tp2_profile" in t else "; 2 per layer = ")
+                     + f"{t['allreduce_per_step_ms']:.2f} ms per step, {100 * t['allreduce_fraction']:.0f}% of the "
+                     "TP=2 step."] if "allreduce_per_step_ms" in t else []),
                   *([f"- all-reduce, residual add and RMSNorm of one token, 64 in a CUDA graph: "
                      f"{t['peer_then_norm_us']:.1f} us as two kernels, {t['fused_norm_us']:.1f} us fused."]
                     if "fused_norm_us" in t else []), ""]

@@ -45,7 +45,7 @@ def _ar_worker(rank: int, port: int, hidden: int, per_step: int, q) -> None:
     res = {"eager_us": eager, "graphed_us": _graphed_us(lambda: dist.all_reduce(x), per_step)}
     try:
         from kernels.allreduce import PeerAllReduce
-        peer = PeerAllReduce(dist.group.WORLD, torch.device("cuda", rank))
+        peer = PeerAllReduce.create(dist.group.WORLD, torch.device("cuda", rank))
         res["peer_graphed_us"] = _graphed_us(lambda: peer(x), per_step)
         # what follows a row-parallel linear in a block: all-reduce, residual add and RMSNorm,
         # as two kernels (peer all-reduce, then add_norm) and as the fused one
@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--model", default="llama-7b")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--quantize", default=None, help="a quantization mode for both engines (w8a16, w4a16, w8a8)")
+    ap.add_argument("--skip-allreduce", action="store_true", help="do not time the all-reduce on its own")
     ap.add_argument("--watchdog", type=float, default=0, help="dump all stacks and exit after this many seconds")
     ap.add_argument("--profile", action="store_true", help="also break rank 0's decode step into kernels")
     ap.add_argument("--allreduce-only", type=Path, default=None,
@@ -101,7 +103,8 @@ def main() -> None:
 
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
-    res = {"model": args.model, "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}",
+    res = {"model": args.model, "quantize": args.quantize,
+           "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}",
            "date": datetime.date.today().isoformat(), "torch": torch.__version__}
     if args.allreduce_only is not None:
         res = json.loads(args.allreduce_only.read_text())
@@ -110,21 +113,23 @@ def main() -> None:
     from .models import SHAPES
     kw = SHAPES[args.model][1]
     hidden, layers = kw.get("hidden_size"), kw.get("num_hidden_layers")
-    ar = allreduce_us(hidden, layers)
-    res["allreduce_eager_us"] = ar["eager_us"]
-    res["allreduce_nccl_us"] = ar["graphed_us"]
-    # as the engine's decode graphs run them: the peer-memory kernel where it was set up
-    res["allreduce_us"] = ar.get("peer_graphed_us", ar["graphed_us"])
-    res["allreduce_kind"] = "peer memory" if "peer_graphed_us" in ar else "NCCL"
-    for k in ("peer_then_norm_graphed_us", "fused_norm_graphed_us"):
-        if k in ar:
-            res[k.replace("_graphed", "")] = ar[k]
-    res["allreduce_per_step_ms"] = 2 * layers * res["allreduce_us"] / 1e3  # attention output and MLP down
+    if not args.skip_allreduce:
+        ar = allreduce_us(hidden, layers)
+        res["allreduce_eager_us"] = ar["eager_us"]
+        res["allreduce_nccl_us"] = ar["graphed_us"]
+        # as the engine's decode graphs run them: the peer-memory kernel where it was set up
+        res["allreduce_us"] = ar.get("peer_graphed_us", ar["graphed_us"])
+        res["allreduce_kind"] = "peer memory" if "peer_graphed_us" in ar else "NCCL"
+        for k in ("peer_then_norm_graphed_us", "fused_norm_graphed_us"):
+            if k in ar:
+                res[k.replace("_graphed", "")] = ar[k]
+        res["allreduce_per_step_ms"] = 2 * layers * res["allreduce_us"] / 1e3  # attention output and MLP down
     if "tp2_profile" in res:  # measured inside the engine's step: includes waiting for the slower rank
         # The fused kernels (all-reduce, residual add and norm in one) count whole: an upper bound.
         kernels = res["tp2_profile"]["kernels"]
         res["allreduce_per_step_ms"] = sum(kernels.get(k, {"us": 0})["us"] for k in ("all-reduce", "all-reduce+norm")) / 1e3
-    res["allreduce_fraction"] = res["allreduce_per_step_ms"] / res["tp2"]["bs1_ms_per_step"]
+    if "allreduce_per_step_ms" in res:
+        res["allreduce_fraction"] = res["allreduce_per_step_ms"] / res["tp2"]["bs1_ms_per_step"]
     _save(args, res)
     print(json.dumps(res))
 
@@ -141,7 +146,7 @@ def _engines(args, res: dict, say) -> None:
         say("model built")
         for tp, peer in ((1, True), (2, False), (2, True)):  # TP=2 with NCCL alone, then as shipped
             eng, startup = ours.make_engine(path, tensor_parallel=tp, enable_cuda_graph=not args.no_cuda_graph,
-                                            custom_all_reduce=peer)
+                                            custom_all_reduce=peer, quantize=args.quantize)
             if not peer:
                 res["tp2_nccl"] = {"bs1_ms_per_step": ours.decode(eng, 1)["ms_per_step"]}
                 say(f"TP=2 NCCL only: {res['tp2_nccl']['bs1_ms_per_step']:.2f} ms/step")
@@ -183,7 +188,8 @@ def _profile(eng, steps: int = 32) -> dict:
 
 def _save(args, res: dict) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"tp-{args.model}.json").write_text(json.dumps(res, indent=1))
+    mode = f"-{args.quantize}" if args.quantize else ""
+    (Path(args.out) / f"tp-{args.model}{mode}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

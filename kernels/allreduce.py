@@ -2,16 +2,22 @@
 
 NCCL's all-reduce of one token's hidden state (8 KB) took 14-21 us inside a CUDA graph on
 2x H200, where the bytes cross NVLink in about a microsecond: the time is protocol, not
-transfer. Here one kernel does it all. Each program owns one chunk:
-1. it copies its chunk of x into this rank's symmetric-memory buffer;
-2. it tells every peer "chunk written" and waits for theirs (flags in the signal pads);
-3. it reads the chunk from every rank's buffer over NVLink and sums them in fp32, in
-   rank order on every rank, so all ranks hold the same bits, and writes it back into x;
-4. it tells every peer "done reading" and waits for theirs, so the next call may
-   overwrite the buffers.
-Flags are set 0 -> 1 by the sender and reset 1 -> 0 by the receiver (compare-and-swap at
-system scope), so they are clean after every call, with no epoch counter to keep in
-step: graph replays work as eager calls do. The reference is ``torch.distributed.all_reduce``.
+transfer. Here one kernel does it all, each program owning one chunk of the message:
+1. it writes its chunk into every peer's symmetric-memory buffer, into the region kept for
+   (this program, this call's parity, this rank), and raises a flag in that peer's
+   signal pad;
+2. it waits for every peer's flag in its own pad (and lowers it), then sums the chunks,
+   its own and the peers' now in its local buffer, in fp32 in rank order, so all ranks
+   hold the same bits.
+Only stores cross NVLink, and they are not waited on: one crossing per call, where
+reading the peers' buffers took a round trip and a second barrier ("done reading") was
+needed before a buffer could be written again. Here calls alternate between two regions
+(the parity); a program writes a region again two calls later, by which time every peer
+has read it: the peer raised its own flag for the call in between only after finishing
+the calls before it (a stream runs its kernels in order). Each program keeps a call
+counter in device memory that gives the parity, so graph replays work as eager calls do;
+every rank makes the same calls, so the counters stay in step. Flags are raised and
+lowered in turn, so they are clean between calls. The reference is ``torch.distributed.all_reduce``.
 
 ``PeerAllReduce.add_norm`` runs the same exchange one row per program and goes on, in
 the same launch, with what follows a row-parallel linear in a decoder block: its bias,
@@ -33,58 +39,68 @@ SLOT0 = 1024  # our flags start past the signal-pad slots torch's own symm-mem o
 
 
 @triton.jit
-def _signal_and_wait(pads, slot, RANK: tl.constexpr, W: tl.constexpr):
-    """Raise our flag in every peer's pad, then wait for (and lower) every peer's in ours."""
+def _raise(flag, ASM: tl.constexpr):
+    """Set a peer's flag to 1 with release semantics at system scope, not waiting for it.
+    One thread stores: a second store from another thread could land after the peer has
+    lowered the flag, and leave it raised for a later call."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred first; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 first, t, 0; mov.u32 $0, 1;\n"
+            "@first st.release.sys.global.u32 [$1], $0; }", "=r,l", [flag], dtype=tl.int32, is_pure=False, pack=1)
+    else:  # the interpreter runs no PTX
+        tl.atomic_xchg(flag, 1, sem="release", scope="sys")
+
+
+@triton.jit
+def _exchange(x, offs, mask, bufs, pads, counters, pid, REGION, SLOT: tl.constexpr, RANK: tl.constexpr,
+              W: tl.constexpr, ASM: tl.constexpr):
+    """Steps 1-2 for program ``pid``'s values ``x`` at ``offs`` (< REGION elements) of its
+    region: their sum over the ranks in float32, added in rank order."""
+    ty = x.dtype
+    call = tl.load(counters + pid)
+    base = (pid * 2 + call % 2) * W  # regions and flags of (program, parity), one per sending rank
+    for p in tl.static_range(W):
+        if p != RANK:
+            peer = tl.load(bufs + p).to(tl.pointer_type(ty))
+            tl.store(peer + (base + RANK) * REGION + offs, x, mask=mask)
     tl.debug_barrier()  # every thread's stores come before the release below
     for p in tl.static_range(W):
         if p != RANK:
-            flag = tl.load(pads + p).to(tl.pointer_type(tl.int32)) + slot + RANK
-            old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
-            while old != 0:  # the peer has not yet taken our previous signal
-                old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
-    own = tl.load(pads + RANK).to(tl.pointer_type(tl.int32)) + slot
+            _raise(tl.load(pads + p).to(tl.pointer_type(tl.int32)) + SLOT + base + RANK, ASM)
+    own = tl.load(pads + RANK).to(tl.pointer_type(tl.int32)) + SLOT + base
     for p in tl.static_range(W):
         if p != RANK:
             got = tl.atomic_cas(own + p, 1, 0, sem="acquire", scope="sys")
             while got != 1:
                 got = tl.atomic_cas(own + p, 1, 0, sem="acquire", scope="sys")
     tl.debug_barrier()  # and every thread's loads come after the acquire
-
-
-@triton.jit
-def _exchange(x, offs, mask, bufs, pads, slot, RANK: tl.constexpr, W: tl.constexpr):
-    """Steps 1-4 for one program's values ``x`` at ``offs`` of the message: their sum over
-    the ranks in float32, added in rank order."""
-    ty = x.dtype
-    tl.store(tl.load(bufs + RANK).to(tl.pointer_type(ty)) + offs, x, mask=mask)
-    _signal_and_wait(pads, slot, RANK, W)
+    mine = tl.load(bufs + RANK).to(tl.pointer_type(ty))
     acc = tl.zeros_like(x).to(tl.float32)
     for p in tl.static_range(W):  # rank order everywhere: the same sum on every rank
         if p == RANK:
             acc += x.to(tl.float32)
         else:
-            peer = tl.load(bufs + p).to(tl.pointer_type(ty))
-            acc += tl.load(peer + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
-    _signal_and_wait(pads, slot + W, RANK, W)  # peers are done reading our buffer
+            acc += tl.load(mine + (base + p) * REGION + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
+    tl.store(counters + pid, call + 1)
     return acc
 
 
 @triton.jit
-def _one_shot_kernel(x_ptr, bufs, pads, N, RANK: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr,
-                     SLOT: tl.constexpr, PDL: tl.constexpr = False):
+def _one_shot_kernel(x_ptr, bufs, pads, counters, N, REGION, RANK: tl.constexpr, W: tl.constexpr,
+                     BLOCK: tl.constexpr, SLOT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False):
     enter(PDL)  # see kernels/pdl.py
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    acc = _exchange(x, offs, mask, bufs, pads, SLOT + pid * 2 * W, RANK, W)
-    tl.store(x_ptr + offs, acc.to(x.dtype), mask=mask)
+    cols = tl.arange(0, BLOCK)
+    mask = pid * BLOCK + cols < N
+    x = tl.load(x_ptr + pid * BLOCK + cols, mask=mask, other=0.0)
+    acc = _exchange(x, cols, mask, bufs, pads, counters, pid, REGION, SLOT, RANK, W, ASM)
+    tl.store(x_ptr + pid * BLOCK + cols, acc.to(x.dtype), mask=mask)
 
 
 @triton.jit
-def _reduce_add_norm_kernel(x_ptr, lb_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, bufs, pads, N, eps,
-                            stride_x, stride_r, stride_y, stride_h, RANK: tl.constexpr, W: tl.constexpr,
-                            BLOCK: tl.constexpr, SLOT: tl.constexpr, HAS_LBIAS: tl.constexpr,
+def _reduce_add_norm_kernel(x_ptr, lb_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, bufs, pads, counters, N, REGION,
+                            eps, stride_x, stride_r, stride_y, stride_h, RANK: tl.constexpr, W: tl.constexpr,
+                            BLOCK: tl.constexpr, SLOT: tl.constexpr, ASM: tl.constexpr, HAS_LBIAS: tl.constexpr,
                             HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
                             PDL: tl.constexpr = False):
     # One program per row: the all-reduce of a row-parallel linear's partial output, its
@@ -95,7 +111,7 @@ def _reduce_add_norm_kernel(x_ptr, lb_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, bu
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    h = _exchange(x, row * N + cols, mask, bufs, pads, SLOT + row * 2 * W, RANK, W).to(x.dtype)
+    h = _exchange(x, cols, mask, bufs, pads, counters, row, REGION, SLOT, RANK, W, ASM).to(x.dtype)
     if HAS_LBIAS:
         h = h + tl.load(lb_ptr + cols, mask=mask, other=0.0)
     if HAS_RES:
@@ -106,43 +122,76 @@ def _reduce_add_norm_kernel(x_ptr, lb_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, bu
 
 
 class PeerAllReduce:
-    """In-place sum over the ranks of ``group`` for contiguous tensors up to ``max_bytes``;
-    larger ones (prefill) stay with NCCL, which is faster there. Every rank of the group
-    must be a GPU of this host that can reach the others' memory (NVLink or PCIe P2P)."""
+    """In-place sum over ``world`` ranks for contiguous tensors up to ``max_bytes``; larger
+    ones (prefill) stay with NCCL, which is faster there. ``buffers``/``pads``: every rank's
+    buffer of :meth:`buffer_bytes` and signal pad, at this process's addresses (peer
+    memory over NVLink or PCIe P2P; :meth:`create` sets them up with torch's symmetric memory)."""
 
-    def __init__(self, group, device: torch.device, max_bytes: int = 512 * 1024):
+    def __init__(self, rank: int, world: int, buffers: list[int], pads: list[int], device: torch.device,
+                 max_bytes: int = 512 * 1024):
+        if not 2 <= world <= 8:
+            raise ValueError(f"the one-shot all-reduce writes to every peer: world={world} must be 2..8")
+        if not 0 <= rank < world or len(buffers) != world or len(pads) != world:
+            raise ValueError(f"rank {rank} of {world} needs {world} buffers and pads, "
+                             f"got {len(buffers)} and {len(pads)}")
+        self.rank, self.world, self.max_bytes = rank, world, max_bytes
+        self.region = self.region_bytes(max_bytes)
+        self.bufs = torch.tensor(buffers, dtype=torch.int64, device=device)
+        self.pads = torch.tensor(pads, dtype=torch.int64, device=device)
+        self.counters = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=device)  # calls per program
+        self.asm = device.type == "cuda"
+
+    @staticmethod
+    def region_bytes(max_bytes: int) -> int:
+        """One program's share of a call (twice the even share: chunks are powers of two)."""
+        return 2 * triton.cdiv(max_bytes, MAX_PROGRAMS)
+
+    @classmethod
+    def buffer_bytes(cls, world: int, max_bytes: int) -> int:
+        return MAX_PROGRAMS * 2 * world * cls.region_bytes(max_bytes)
+
+    @staticmethod
+    def pad_slots(world: int) -> int:
+        return SLOT0 + MAX_PROGRAMS * 2 * world
+
+    @classmethod
+    def create(cls, group, device: torch.device, max_bytes: int = 512 * 1024) -> PeerAllReduce:
+        """Over the GPUs of ``group`` (one host), with torch's symmetric memory."""
         import torch.distributed._symmetric_memory as symm_mem
-        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        if self.world > 8:
-            raise ValueError(f"the one-shot all-reduce reads every peer; {self.world} ranks is too many (<= 8)")
-        pad_slots = symm_mem.get_signal_pad_size() // 4
-        if SLOT0 + 2 * self.world * MAX_PROGRAMS > pad_slots:
-            raise ValueError(f"signal pad of {pad_slots} slots is too small for {self.world} ranks")
-        self.max_bytes = max_bytes
-        buf = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        have = symm_mem.get_signal_pad_size() // 4
+        if cls.pad_slots(world) > have:
+            raise ValueError(f"signal pad of {have} slots is too small for {world} ranks")
+        buf = symm_mem.empty(cls.buffer_bytes(world, max_bytes), dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(buf, group)
+        self = cls(rank, world, list(handle.buffer_ptrs), list(handle.signal_pad_ptrs), device, max_bytes)
         self._keep = (buf, handle)  # the peers map this memory for as long as we live
-        self.bufs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-        self.pads = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         dist.barrier(group)
+        return self
+
+    @staticmethod
+    def _block(n: int) -> int:
+        return max(1024, triton.next_power_of_2(triton.cdiv(n, MAX_PROGRAMS)))
 
     def fits(self, x: torch.Tensor) -> bool:
         return (x.is_contiguous() and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                and x.numel() * x.element_size() <= self.max_bytes)
+                and x.numel() * x.element_size() <= self.max_bytes
+                and self._block(x.numel()) * x.element_size() <= self.region)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.numel()
-        block = max(1024, triton.next_power_of_2(triton.cdiv(n, MAX_PROGRAMS)))
-        _one_shot_kernel[(triton.cdiv(n, block),)](x, self.bufs, self.pads, n, RANK=self.rank, W=self.world,
-                                                   BLOCK=block, SLOT=SLOT0, num_warps=4 if block <= 2048 else 8,
-                                                   **pdl.launch_args(x.device))
+        block = self._block(n)
+        _one_shot_kernel[(triton.cdiv(n, block),)](x, self.bufs, self.pads, self.counters, n,
+                                                   self.region // x.element_size(), RANK=self.rank,
+                                                   W=self.world, BLOCK=block, SLOT=SLOT0, ASM=self.asm,
+                                                   num_warps=4 if block <= 2048 else 8, **pdl.launch_args(x.device))
         return x
 
     def fits_rows(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`add_norm` takes x: one program per row, each with its own flags."""
-        return (x.dim() == 2 and x.stride(-1) == 1 and x.shape[0] <= MAX_PROGRAMS and x.shape[-1] <= 16384
+        """Whether :meth:`add_norm` takes x: one program per row, each with its own region."""
+        return (x.dim() == 2 and x.stride(-1) == 1 and x.shape[0] <= MAX_PROGRAMS
                 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                and x.numel() * x.element_size() <= self.max_bytes)
+                and x.shape[1] * x.element_size() <= self.region)
 
     def add_norm(self, x: torch.Tensor, linear_bias: torch.Tensor | None, residual: torch.Tensor | None,
                  weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool
@@ -153,14 +202,14 @@ class PeerAllReduce:
         T, N = x.shape
         y = torch.empty_like(x)
         h = torch.empty_like(x)
-        r = x if residual is None else residual
-        block = triton.next_power_of_2(N)
         if T == 0:
             return y, h
+        r = x if residual is None else residual
+        block = triton.next_power_of_2(N)
         _reduce_add_norm_kernel[(T,)](
             x, x if linear_bias is None else linear_bias, r, weight, weight if bias is None else bias, y, h,
-            self.bufs, self.pads, N, eps, x.stride(0), r.stride(0), y.stride(0), h.stride(0),
-            RANK=self.rank, W=self.world, BLOCK=block, SLOT=SLOT0, HAS_LBIAS=linear_bias is not None,
-            HAS_RES=residual is not None, HAS_BIAS=bias is not None, RMS=rms, num_warps=norm_warps(block),
-            **pdl.launch_args(x.device))
+            self.bufs, self.pads, self.counters, N, self.region // x.element_size(), eps,
+            x.stride(0), r.stride(0), y.stride(0), h.stride(0), RANK=self.rank, W=self.world, BLOCK=block,
+            SLOT=SLOT0, ASM=self.asm, HAS_LBIAS=linear_bias is not None, HAS_RES=residual is not None,
+            HAS_BIAS=bias is not None, RMS=rms, num_warps=norm_warps(block), **pdl.launch_args(x.device))
         return y, h

@@ -26,30 +26,40 @@ def _run_ranks(world: int, target, args: tuple, timeout: float) -> None:
     assert not hung and all(p.exitcode == 0 for p in procs), f"ranks hung or failed: {[p.exitcode for p in procs]}"
 
 
-def _interpreted_rank(r, world, n, block, xs, bufs_t, pads_t, outs):
+MAX_BYTES = 128 * 1024  # regions of 4 KB: a 1,024-element fp32 chunk
+
+
+def _interpreted(r, world, bufs_t, pads_t):
+    """Rank r's all-reduce over CPU shared memory, run by Triton's interpreter."""
     os.environ["TRITON_INTERPRET"] = "1"  # a fresh spawned process: before triton loads
-    from kernels.allreduce import SLOT0, _one_shot_kernel
-    bufs = torch.tensor([b.data_ptr() for b in bufs_t], dtype=torch.int64)
-    pads = torch.tensor([p.data_ptr() for p in pads_t], dtype=torch.int64)
+    from kernels.allreduce import PeerAllReduce
+    return PeerAllReduce(r, world, [t.data_ptr() for t in bufs_t], [t.data_ptr() for t in pads_t],
+                         torch.device("cpu"), MAX_BYTES)
+
+
+def _shared_buffers(world):
+    from kernels.allreduce import PeerAllReduce
+    bufs = [torch.zeros(PeerAllReduce.buffer_bytes(world, MAX_BYTES), dtype=torch.uint8).share_memory_()
+            for _ in range(world)]
+    pads = [torch.zeros(PeerAllReduce.pad_slots(world), dtype=torch.int32).share_memory_() for _ in range(world)]
+    return bufs, pads
+
+
+def _interpreted_rank(r, world, xs, bufs_t, pads_t, outs):
+    ar = _interpreted(r, world, bufs_t, pads_t)
     for call in range(outs[r].shape[0]):
-        x = xs[r] * (call + 1)
-        _one_shot_kernel[(triton_cdiv(n, block),)](x, bufs, pads, n, RANK=r, W=world, BLOCK=block, SLOT=SLOT0)
-        outs[r][call].copy_(x)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+        outs[r][call].copy_(ar(xs[r] * (call + 1)))
 
 
 @pytest.mark.parametrize("world,dtype", [(2, torch.float16), (3, torch.float32)])
 def test_one_shot_all_reduce_interpreted(world, dtype):
-    n, block, calls = 1100, 1024, 2  # two programs, the second ragged
+    """Three calls, so each program writes both parities' regions and then the first again."""
+    n, calls = 1100, 3  # two programs of 1,024, the second ragged
     g = torch.Generator().manual_seed(world)
     xs = [torch.randn(n, generator=g).to(dtype).share_memory_() for _ in range(world)]
-    bufs = [torch.zeros(n * 4, dtype=torch.uint8).share_memory_() for _ in range(world)]
-    pads = [torch.zeros(4096, dtype=torch.int32).share_memory_() for _ in range(world)]
+    bufs, pads = _shared_buffers(world)
     outs = [torch.zeros(calls, n, dtype=dtype).share_memory_() for _ in range(world)]
-    _run_ranks(world, _interpreted_rank, (world, n, block, xs, bufs, pads, outs), timeout=240)
+    _run_ranks(world, _interpreted_rank, (world, xs, bufs, pads, outs), timeout=240)
     for call in range(calls):
         want = sum((x * (call + 1)).float() for x in xs).to(dtype)  # fp32, rank order
         for r in range(world):
@@ -57,14 +67,13 @@ def test_one_shot_all_reduce_interpreted(world, dtype):
     assert all(int(p.abs().sum()) == 0 for p in pads)  # every flag raised was lowered
 
 
+FUSED_CASES = ((True, False), (False, True), (True, True))  # (RMSNorm, linear and norm biases)
+
+
 def _fused_rank(r, world, n, xs, residual, lbias, w, b, bufs_t, pads_t, ys, hs):
-    os.environ["TRITON_INTERPRET"] = "1"  # a fresh spawned process: before triton loads
-    from kernels.allreduce import PeerAllReduce
-    ar = PeerAllReduce.__new__(PeerAllReduce)  # the buffers are shared CPU memory, not symm-mem
-    ar.world, ar.rank, ar.max_bytes = world, r, bufs_t[0].numel()
-    ar.bufs = torch.tensor([t.data_ptr() for t in bufs_t], dtype=torch.int64)
-    ar.pads = torch.tensor([t.data_ptr() for t in pads_t], dtype=torch.int64)
-    for call, (rms, has_bias) in enumerate(((True, False), (False, True))):
+    ar = _interpreted(r, world, bufs_t, pads_t)
+    hs[r][-1].copy_(ar(xs[r].clone()))  # a plain call first: program 0 is one call ahead of 1 and 2
+    for call, (rms, has_bias) in enumerate(FUSED_CASES):
         y, h = ar.add_norm(xs[r], lbias if has_bias else None, residual, w, b if has_bias else None, 1e-5, rms)
         ys[r][call].copy_(y)
         hs[r][call].copy_(h)
@@ -80,13 +89,13 @@ def test_reduce_add_norm_interpreted(world):
     xs = [torch.randn(T, n, generator=g).to(dtype).share_memory_() for _ in range(world)]
     residual, lbias = torch.randn(T, n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
     w, b = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype), torch.randn(n, generator=g).to(dtype)
-    bufs = [torch.zeros(T * n * 2, dtype=torch.uint8).share_memory_() for _ in range(world)]
-    pads = [torch.zeros(4096, dtype=torch.int32).share_memory_() for _ in range(world)]
-    ys = [torch.zeros(2, T, n, dtype=dtype).share_memory_() for _ in range(world)]
-    hs = [torch.zeros(2, T, n, dtype=dtype).share_memory_() for _ in range(world)]
+    bufs, pads = _shared_buffers(world)
+    ys = [torch.zeros(len(FUSED_CASES), T, n, dtype=dtype).share_memory_() for _ in range(world)]
+    hs = [torch.zeros(len(FUSED_CASES) + 1, T, n, dtype=dtype).share_memory_() for _ in range(world)]
     _run_ranks(world, _fused_rank, (world, n, xs, residual, lbias, w, b, bufs, pads, ys, hs), timeout=240)
     total = sum(x.float() for x in xs).to(dtype)  # fp32, rank order
-    for call, (rms, has_bias) in enumerate(((True, False), (False, True))):
+    assert all(torch.equal(hs[r][-1], total) for r in range(world))
+    for call, (rms, has_bias) in enumerate(FUSED_CASES):
         summed = total + lbias if has_bias else total
         want = add_norm(summed, residual, w, b if has_bias else None, 1e-5, rms)
         ref = add_norm_ref(summed, residual, w, b if has_bias else None, 1e-5, rms)
@@ -101,7 +110,7 @@ def _gpu_rank(r, world, port, q):
     from kernels.allreduce import PeerAllReduce
     torch.cuda.set_device(r)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world)
-    ar = PeerAllReduce(dist.group.WORLD, torch.device("cuda", r))
+    ar = PeerAllReduce.create(dist.group.WORLD, torch.device("cuda", r))
     ok = []
     for n, dtype in ((4096, torch.float16), (8 * 5120 + 3, torch.bfloat16), (200_000, torch.float16),
                      (1000, torch.float32)):

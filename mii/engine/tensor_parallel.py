@@ -85,7 +85,7 @@ def _set_groups(rank: int, world: int, device: torch.device, peer_memory: bool) 
     if peer_memory and device.type == "cuda":
         from kernels.allreduce import PeerAllReduce
         try:
-            peer = PeerAllReduce(dist.group.WORLD, device)
+            peer = PeerAllReduce.create(dist.group.WORLD, device)
         except (RuntimeError, ValueError) as e:  # no P2P between these GPUs, or no symm-mem support
             log.warning("peer-memory all-reduce unavailable, NCCL does all reduces: %s", e)
     set_tensor_parallel(rank, world, dist.group.WORLD, cpu, peer)
