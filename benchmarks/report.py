@@ -117,12 +117,18 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"- bs=1 decode: TP=1 {t['tp1']['bs1_ms_per_step']:.2f} ms/step, TP=2 "
                   f"{t['tp2']['bs1_ms_per_step']:.2f} ms/step: {t['latency_ratio']:.2f}x the TP=1 latency.",
                   f"- greedy outputs identical to TP=1: {t['identical_outputs']} (first 8 tokens agree on "
-                  f"{100 * t['first_token_agreement']:.0f}% of prompts)"
-                  + (f"; first-token log-probabilities within {t['max_logprob_diff']:.1e} of TP=1's."
-                     if "max_logprob_diff" in t else "."),
+                  f"{100 * t['first_token_agreement']:.0f}% of prompts"
+                  + (f", the first token on {100 * t['first_tokens_agree']:.0f}%" if "first_tokens_agree" in t else "")
+                  + ")"
+                  + (f"; first-token log-probabilities within {t['max_logprob_diff']:.1e} of TP=1's"
+                     if "max_logprob_diff" in t else "")
+                  + (f" (and within {t['max_logprob_diff_vs_fp16']['tp1']:.1e} and "
+                     f"{t['max_logprob_diff_vs_fp16']['tp2']:.1e} of fp16's, for TP=1 and TP=2)"
+                     if "max_logprob_diff_vs_fp16" in t else "") + ".",
                   *([f"- TP=2 with NCCL doing every all-reduce: {t['tp2_nccl']['bs1_ms_per_step']:.2f} ms/step "
-                     f"({t['tp2_nccl']['bs1_ms_per_step'] / t['tp1']['bs1_ms_per_step']:.2f}x); one NCCL all-reduce "
-                     f"in a graph {t['allreduce_nccl_us']:.1f} us."] if "tp2_nccl" in t else []),
+                     f"({t['tp2_nccl']['bs1_ms_per_step'] / t['tp1']['bs1_ms_per_step']:.2f}x)"
+                     + (f"; one NCCL all-reduce in a graph {t['allreduce_nccl_us']:.1f} us"
+                        if "allreduce_nccl_us" in t else "") + "."] if "tp2_nccl" in t else []),
                   *([f"- all-reduce of one token's hidden state ({t.get('allreduce_kind', 'NCCL')}): "
                      f"{t['allreduce_us']:.1f} us"
                      + (f" replayed in a CUDA graph ({t['allreduce_eager_us']:.1f} us launched eagerly)"

@@ -144,6 +144,13 @@ def _engines(args, res: dict, say) -> None:
         greedy = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
         tokens, top5 = {}, {}
         say("model built")
+        first_lp = SamplingParams(max_new_tokens=1, temperature=0, logprobs=5)
+        if args.quantize:  # how far each quantized run is from fp16, to judge TP=2 against TP=1
+            eng, _ = ours.make_engine(path, enable_cuda_graph=False)
+            top5["fp16"] = [dict(o.logprobs[0].top) for o in eng.generate(prompts, first_lp)]
+            eng.shutdown()
+            del eng
+            torch.cuda.empty_cache()
         for tp, peer in ((1, True), (2, False), (2, True)):  # TP=2 with NCCL alone, then as shipped
             eng, startup = ours.make_engine(path, tensor_parallel=tp, enable_cuda_graph=not args.no_cuda_graph,
                                             custom_all_reduce=peer, quantize=args.quantize)
@@ -160,8 +167,7 @@ def _engines(args, res: dict, say) -> None:
             if args.profile:
                 res[f"tp{tp}_profile"] = _profile(eng)
             tokens[tp] = [o.token_ids for o in eng.generate(prompts, greedy)]
-            first = eng.generate(prompts, SamplingParams(max_new_tokens=1, temperature=0, logprobs=5))
-            top5[tp] = [dict(o.logprobs[0].top) for o in first]
+            top5[tp] = [dict(o.logprobs[0].top) for o in eng.generate(prompts, first_lp)]
             res[f"tp{tp}"] = {"startup_s": startup, "bs1_ms_per_step": d["ms_per_step"], "bs1_tok_s": d["tok_s"],
                               "graphs": eng.runner.graphs is not None}
             say(f"TP={tp} measured: {d['ms_per_step']:.2f} ms/step")
@@ -172,8 +178,15 @@ def _engines(args, res: dict, say) -> None:
         res["latency_ratio"] = res["tp2"]["bs1_ms_per_step"] / res["tp1"]["bs1_ms_per_step"]
         res["identical_outputs"] = tokens[1] == tokens[2]
         res["first_token_agreement"] = sum(a[:8] == b[:8] for a, b in zip(tokens[1], tokens[2])) / len(prompts)
+        res["first_tokens_agree"] = sum(a[:1] == b[:1] for a, b in zip(tokens[1], tokens[2])) / len(prompts)
         # how far TP=2's first-token log-probabilities are from TP=1's (shared top-5 ids)
-        res["max_logprob_diff"] = max(abs(a[t] - b[t]) for a, b in zip(top5[1], top5[2]) for t in a if t in b)
+        res["max_logprob_diff"] = _max_diff(top5[1], top5[2])
+        if "fp16" in top5:
+            res["max_logprob_diff_vs_fp16"] = {f"tp{tp}": _max_diff(top5["fp16"], top5[tp]) for tp in (1, 2)}
+
+
+def _max_diff(xs: list[dict], ys: list[dict]) -> float:
+    return max(abs(a[t] - b[t]) for a, b in zip(xs, ys) for t in a if t in b)
 
 
 def _profile(eng, steps: int = 32) -> dict:
