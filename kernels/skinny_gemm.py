@@ -166,8 +166,10 @@ def _num_sms(device: torch.device) -> int:
 SKINNY_M = 16  # up to this many rows (decode batches) take the weight-streaming kernel
 SKINNY_PREFETCH = 1  # tiles per program pulled into L2 before waiting on the kernel before (PDL)
 # A weight of at most this many bytes is pulled into L2 whole, each program prefetching its
-# entire slice before its PDL wait: small GEMVs follow latency-bound kernels (decode
-# attention, norms) during which HBM would otherwise sit idle.
+# entire slice before its PDL wait, to use the HBM left idle by decode attention and norms.
+# Off: every size tried made the step slower on the H100 (Llama-1B 1.152 ms at 0, 1.154 /
+# 1.169 / 1.201 ms at 8 / 16 / 32 MB; 7B W8A16 3.26 -> 3.34 ms at 24 MB; 2026-11-23). Kept
+# for ``benchmarks.pdl_ab --prefetch-whole-mb``.
 SKINNY_PREFETCH_WHOLE_BYTES = 0
 
 

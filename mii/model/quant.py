@@ -197,12 +197,10 @@ class QuantLinear(nn.Module):
         return self.bias if self.fuse_bias and self.kind != "row" else None
 
     def _finish(self, y: torch.Tensor, defer: bool) -> torch.Tensor | Partial:
-        if self.kind == "row" and TP.size > 1:  # see Linear.forward
-            y = Partial(y, self.bias if self.fuse_bias else None)
-            return y if defer else y.reduced()
-        if self.kind == "row" and self.fuse_bias and self.bias is not None:
-            y = y + self.bias
-        return y
+        if self.kind != "row":
+            return y
+        y = Partial(y, self.bias if self.fuse_bias else None)  # see Linear.forward
+        return y if defer and TP.size > 1 else y.reduced()
 
     @property
     def takes_int8(self) -> bool:
