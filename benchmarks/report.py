@@ -118,7 +118,7 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"{t['tp2']['bs1_ms_per_step']:.2f} ms/step: {t['latency_ratio']:.2f}x the TP=1 latency.",
                   f"- greedy outputs identical to TP=1: {t['identical_outputs']} (first 8 tokens agree on "
                   f"{100 * t['first_token_agreement']:.0f}% of prompts"
-                  + (f", the first token on {100 * t['first_tokens_agree']:.0f}%" if "first_tokens_agree" in t else "")
+                  + (f", the first token on {100 * t['one_token_agreement']:.0f}%" if "one_token_agreement" in t else "")
                   + ")"
                   + (f"; first-token log-probabilities within {t['max_logprob_diff']:.1e} of TP=1's"
                      if "max_logprob_diff" in t else "")

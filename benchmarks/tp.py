@@ -178,7 +178,8 @@ def _engines(args, res: dict, say) -> None:
         res["latency_ratio"] = res["tp2"]["bs1_ms_per_step"] / res["tp1"]["bs1_ms_per_step"]
         res["identical_outputs"] = tokens[1] == tokens[2]
         res["first_token_agreement"] = sum(a[:8] == b[:8] for a, b in zip(tokens[1], tokens[2])) / len(prompts)
-        res["first_tokens_agree"] = sum(a[:1] == b[:1] for a, b in zip(tokens[1], tokens[2])) / len(prompts)
+        # the first generated token alone (first_token_agreement above compares the first 8)
+        res["one_token_agreement"] = sum(a[:1] == b[:1] for a, b in zip(tokens[1], tokens[2])) / len(prompts)
         # how far TP=2's first-token log-probabilities are from TP=1's (shared top-5 ids)
         res["max_logprob_diff"] = _max_diff(top5[1], top5[2])
         if "fp16" in top5:
