@@ -25,6 +25,8 @@ import triton
 from kernels import pdl, skinny_gemm
 from kernels.quant_gemm import default_config, wxa16_gemm
 from kernels.skinny_gemm import skinny_config, skinny_linear
+from kernels.w8a8_gemm import decode_bk, w8a8_gemm
+from kernels.w8a8_gemm import default_config as w8a8_config
 
 from .models import SHAPES
 
@@ -113,14 +115,19 @@ def weight_bytes(N: int, K: int, bits: int, group: int) -> int:
     return N * K * bits // 8 + 4 * N * (K // group)
 
 
+MODES = ("fp16", "gemv16", "w8a16", "w4a16", "w8a8")
+
+
 def bench(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = MS,
           shapes: dict[str, tuple[int, int]] | None = None) -> list[dict]:
     rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, (N, K) in (shapes or linear_shapes()).items():
         w16 = [torch.randn(N, K, device="cuda", dtype=dtype) * 0.02
                for _ in range(copies_for(weight_bytes(N, K, 16, group)))]
         wq = {bits: [quantized(N, K, bits, group) for _ in range(copies_for(weight_bytes(N, K, bits, group)))]
               for bits in (8, 4)}
+        w8 = [(q, s[:, 0].contiguous()) for q, s in wq[8]]  # W8A8: one scale per row
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             row = {"linear": name, "N": N, "K": K, "M": M, "group": group}
@@ -134,7 +141,10 @@ def bench(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = MS,
                 t = time_calls(lambda x, q, s: wxa16_gemm(x, q, s, None, bits), [(x, q, s) for q, s in wq[bits]])
                 row[mode] = {"us": t * 1e6, "bytes": weight_bytes(N, K, bits, group),
                              "config": default_config(M, N, K, group, bits, x.device)}
-            for mode in ("fp16", "gemv16", "w8a16", "w4a16"):
+            x8, xs = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda"), torch.rand(M, device="cuda")
+            t = time_calls(lambda q, s: w8a8_gemm(x8, xs, q, s, None, dtype), w8)
+            row["w8a8"] = {"us": t * 1e6, "bytes": N * K + 4 * N, "config": w8a8_config(M, N, K, sms)}
+            for mode in MODES:
                 r = row[mode]
                 r["gb_s"] = r["bytes"] / r["us"] / 1e3
                 r["pct_copy_bw"] = 100 * r["bytes"] / (r["us"] * 1e-6) / bw
@@ -190,6 +200,37 @@ def sweep(group: int, dtype: torch.dtype, bw: float, ms: tuple[int, ...] = (1, 1
     return rows
 
 
+# (BN, BK, num_warps, num_stages, U) for int8 x int8: mma.sync on 1-2 warps, wgmma on 4.
+W8A8_SWEEP = [(64, 128, 2, 3, 1), (32, 128, 1, 4, 1), (128, 128, 2, 3, 1), (64, 128, 4, 3, 1), (64, 128, 4, 4, 1),
+              (128, 128, 4, 3, 1)]
+
+
+def sweep_w8a8(bw: float, ms: tuple[int, ...], shapes: dict[str, tuple[int, int]]) -> list[dict]:
+    """Tile configs x K-splits of the M <= 16 kernel on int8 x and int8 weights (bits "8x8")."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for name, (N, K) in shapes.items():
+        ws = [(torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda"), torch.rand(N, device="cuda"))
+              for _ in range(copies_for(N * K))]
+        for M in ms:
+            x8, xs = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda"), torch.rand(M, device="cuda")
+            for bn, bk, warps, stages, u in W8A8_SWEEP:
+                seen = set()
+                for waves, min_tiles in ((2, 4), (4, 4), (8, 4)):
+                    cfg = skinny_config(N, K, decode_bk(K), sms, bn, bk, warps, stages, waves, u, False,
+                                        min_tiles=min_tiles)
+                    if cfg["SPLIT_K"] in seen:
+                        continue
+                    seen.add(cfg["SPLIT_K"])
+                    t = time_calls(lambda q, s: w8a8_gemm(x8, xs, q, s, None, torch.float16, cfg), ws,
+                                   min_calls=32, replays=5)
+                    rows.append({"linear": name, "bits": "8x8", "M": M, "waves": waves, **cfg,
+                                 "us": t * 1e6, "pct_copy_bw": 100 * (N * K + 4 * N) / t / bw})
+        del ws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def fastest(rows: list[dict]) -> dict[tuple, dict]:
     """The quickest sweep row per (linear, bits, M)."""
     best = {}
@@ -203,11 +244,11 @@ def fastest(rows: list[dict]) -> dict[tuple, dict]:
 def table(rows: list[dict], bw: float) -> str:
     out = [f"copy bandwidth {bw / 1e9:.0f} GB/s; GB/s (% of copy) and speed-up over fp16",
            f"{'linear':8} {'N x K':>12} {'M':>3} | {'fp16 cuBLAS':>22} | {'fp16 ours':>30} | {'W8A16':>30} | "
-           f"{'W4A16':>30}"]
+           f"{'W4A16':>30} | {'W8A8':>30}"]
     for r in rows:
         cells = [f"{r[m]['us']:6.1f}us {r[m]['gb_s']:5.0f} ({r[m]['pct_copy_bw']:3.0f}%)"
                  + ("" if m == "fp16" else f" {r[m]['speedup_vs_fp16']:4.2f}x")
-                 for m in ("fp16", "gemv16", "w8a16", "w4a16")]
+                 for m in MODES]
         out.append(f"{r['linear']:8} {r['N']:>5} x {r['K']:<5} {r['M']:>3} | " + " | ".join(cells))
     return "\n".join(out)
 
@@ -219,7 +260,8 @@ def main() -> None:
     ap.add_argument("--groups", default="128,64", help="comma-separated group sizes (the first also for --sweep)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configs and K-splits")
-    ap.add_argument("--sweep-bits", default="16,8,4", help="weight widths for --sweep (16: fp16 weights)")
+    ap.add_argument("--sweep-bits", default="16,8,4",
+                    help="weight widths for --sweep (16: fp16 weights; 8x8: W8A8, int8 x too)")
     ap.add_argument("--sweep-ms", default="1,16", help="rows of x for --sweep")
     ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     ap.add_argument("--prefetch", type=int, default=None, help="tiles per program prefetched under PDL")
@@ -244,8 +286,11 @@ def main() -> None:
     shapes = linear_shapes(args.model, args.lm_head)
     meta["model"] = args.model
     if args.sweep:
-        rows = sweep(groups[0], dtype, bw, tuple(int(m) for m in args.sweep_ms.split(",")), shapes,
-                     bits_list=tuple(int(b) for b in args.sweep_bits.split(",")))
+        bits = args.sweep_bits.split(",")
+        sweep_ms = tuple(int(m) for m in args.sweep_ms.split(","))
+        rows = sweep(groups[0], dtype, bw, sweep_ms, shapes, bits_list=tuple(int(b) for b in bits if b != "8x8"))
+        if "8x8" in bits:
+            rows += sweep_w8a8(bw, sweep_ms, shapes)
         (args.out / "gemv-sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         print("fastest config per (linear, bits, M):")
         for (name, bits, M), r in fastest(rows).items():

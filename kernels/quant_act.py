@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .norm import add_norm_ref
+from .pdl import enter
 
 _TINY = 1e-10  # an all-zero row gets scale 1e-10/127 and q = 0, not NaN
 
@@ -39,8 +41,9 @@ def add_norm_quant_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: t
 def _add_norm_quant_kernel(x_ptr, r_ptr, w_ptr, b_ptr, h_ptr, q_ptr, s_ptr, H, eps,
                            stride_x, stride_r, stride_h, stride_q,
                            HAS_RES: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     # One row per program. NORM: 0 none, 1 RMSNorm, 2 LayerNorm.
+    enter(PDL)  # see kernels/pdl.py: W8A8 decode runs the chain of launches the float one does
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -95,7 +98,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             bias if bias is not None else dummy, h, q, scale, H, eps,
             x2.stride(0), r2.stride(0) if r2 is not None else 0, h.stride(0), q.stride(0),
             HAS_RES=r2 is not None, NORM=norm, HAS_BIAS=bias is not None, BLOCK=block,
-            num_warps=min(max(block // 256, 1), 16))
+            num_warps=min(max(block // 256, 1), 16), **pdl.launch_args(x.device))
     lead = x.shape[:-1]
     return q.reshape(*lead, H), scale.reshape(lead), h.reshape(*lead, H)
 

@@ -55,15 +55,29 @@ def _epilogue(acc, b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym, HAS_BIAS: tl.co
     tl.store(y_ptr + rm[None, :] * stride_ym + on[:, None], y.to(dt), mask=(on[:, None] < n_out) & (rm[None, :] < M))
 
 
+@triton.jit
+def _scaled(acc, xs_ptr, ws_ptr, rn, rm, M, XQ: tl.constexpr):
+    """XQ (W8A8): the exact int32 sums y^T [BN, BM] times each x row's and each weight row's
+    scale, in the order of ``kernels.w8a8_gemm.w8a8_gemm_ref``; otherwise acc as it is.
+    (A new value, not acc reassigned: acc changes type, which Triton refuses inside a
+    branch taken at run time.)"""
+    if XQ:
+        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+        out = acc.to(tl.float32) * xs[None, :] * tl.load(ws_ptr + rn)[:, None]
+    else:
+        out = acc
+    return out
+
+
 # M, SPLIT_K and the scale stride stay runtime values: one compiled kernel per tile config
 # serves every decode batch size, split and layer (down_proj's K/128 = 86 is no multiple of 16).
 @triton.jit(do_not_specialize=["M", "stride_sn", "stride_sg", "SPLIT_K"])
-def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, NP,
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr, M, N, K, NP,
                    stride_xm, stride_wn, stride_sn, stride_sg, stride_ym, SPLIT_K,
                    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, U: tl.constexpr, A_REGS: tl.constexpr,
                    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                   ACT: tl.constexpr = "", GATED: tl.constexpr = False):
+                   ACT: tl.constexpr = "", GATED: tl.constexpr = False, XQ: tl.constexpr = False):
     # Program (pid_n, pid_k) streams weight rows [pid_n*BN, +BN) over its share of K in
     # steps of U [BN, BK] tiles side by side along K (U > 1 reads longer runs of each row at
     # once; on the H100 it measured no faster than U = 1, the default). Loads are 16 bytes
@@ -71,7 +85,9 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
     # the weight fills the wide side of the MMA, the M <= BM = 16 rows of x the narrow one,
     # so the result is y^T [BN, BM]. GATED (W = [gate; up], N = 2I rows): band pid_n takes the
     # gate rows [pid_n*BN/2, +BN/2) and their up rows, interleaved, so that one program holds
-    # both halves of its outputs for the activation epilogue.
+    # both halves of its outputs for the activation epilogue. XQ (W8A8): x is int8 too, with
+    # one scale per row in xs_ptr, and the weight has one scale per row (s_ptr [N]): the
+    # integer tensor cores sum exactly in int32, and the scales come once, in the epilogue.
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     if GATED:
         slot = tl.arange(0, BN)
@@ -98,15 +114,18 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
         prefetch_l2(w_ptr + rn[:, None] * stride_wn + (first + tl.minimum(lines, tiles * KB - first - 1))[None, :])
     if PDL:
         gdc_wait()
-    acc = tl.zeros((BN, BM), tl.float32)
+    if XQ:
+        acc = tl.zeros((BN, BM), tl.int32)
+    else:
+        acc = tl.zeros((BN, BM), tl.float32)
     # Only the MMA operands go through the shared-memory pipeline, so the scales are loaded
     # by hand one step ahead into registers, where their latency hides behind a step's MMAs
     # (7B W8A16 GEMVs 1-3% faster, H100), and pulled into L2 two steps ahead.
     s_next = tl.zeros((BN,), tl.float32)
-    if BITS != 16 and U == 1:
+    if BITS != 16 and U == 1 and not XQ:
         s_next = tl.load(s_ptrs + (tl.minimum(i0, tiles - 1) * BK // GROUP) * stride_sg)
     for i in range(i0, i1):
-        if BITS != 16:
+        if BITS != 16 and not XQ:
             if ASM:
                 prefetch_l2(s_ptrs + (tl.minimum((i + 2) * U, tiles - 1) * BK // GROUP) * stride_sg)
             s_step = s_next
@@ -119,6 +138,8 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
             x = tl.load(x_ptrs + t * BK, mask=(rm[:, None] < M) & ok, other=0.0)
             if BITS == 16:
                 acc += tl.dot(q, tl.trans(x))
+            elif XQ:
+                acc = tl.dot(q, tl.trans(x), acc, out_dtype=tl.int32)
             else:
                 if U == 1:
                     s = s_step
@@ -141,19 +162,22 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, M, N, 
         # Split-K in one launch: each program leaves its fp32 partial, and the last of an
         # n-band's SPLIT_K programs to arrive (counted by an atomic) sums them in a fixed
         # order, so the result is deterministic and no zeroing or reduction kernel runs.
-        # Partials are indexed by the band's slots (NP = bands * BN), whatever rows they hold.
+        # Partials are indexed by the band's slots (NP = bands * BN), whatever rows they hold;
+        # XQ's are int32, so the split sum stays exact.
         p_ptrs = part_ptr + rm[None, :] * NP + (pid_n * BN + tl.arange(0, BN))[:, None]
         pmask = rm[None, :] < M
         tl.store(p_ptrs + pid_k * M * NP, acc, mask=pmask)
         tl.debug_barrier()  # every thread's partial is stored before the count is released
         if tl.atomic_add(lock_ptr + pid_n, 1) == SPLIT_K - 1:  # acq_rel: the others' partials are visible
-            acc = tl.zeros((BN, BM), tl.float32)
+            total = tl.zeros_like(acc)
             for i in range(SPLIT_K):
-                acc += tl.load(p_ptrs + i * M * NP, mask=pmask, other=0.0, cache_modifier=".cg")
-            _epilogue(acc, b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym, HAS_BIAS, ACT, GATED, BN, BM)
+                total += tl.load(p_ptrs + i * M * NP, mask=pmask, other=0, cache_modifier=".cg")
+            _epilogue(_scaled(total, xs_ptr, s_ptr, rn, rm, M, XQ), b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym,
+                      HAS_BIAS, ACT, GATED, BN, BM)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
     else:
-        _epilogue(acc, b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym, HAS_BIAS, ACT, GATED, BN, BM)
+        _epilogue(_scaled(acc, xs_ptr, s_ptr, rn, rm, M, XQ), b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym,
+                  HAS_BIAS, ACT, GATED, BN, BM)
 
 
 @functools.cache
@@ -212,10 +236,12 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
     return locks
 
 
-def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None) -> None:
+def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None,
+                x_scale: torch.Tensor | None = None) -> None:
     """Launch the kernel on 2-D x2 into y; ``bits`` 16 (float weight, ``scales`` unused), 8 or
     4; ``cfg`` from :func:`skinny_config`, minus "kind". ``act``: a ``kernels.activation``
-    kind applied, with the bias, in the epilogue; y is [M, N / 2] for a gated kind, else [M, N]."""
+    kind applied, with the bias, in the epilogue; y is [M, N / 2] for a gated kind, else [M, N].
+    ``x_scale`` [M] fp32 (W8A8): x2 is int8, ``scales`` [N] one per weight row, bits 8."""
     M, N, K = x2.shape[0], w.shape[0], x2.shape[1]
     if w.shape[1] * (2 if bits == 4 else 1) != K:
         raise ValueError(f"x has K={K} columns but the weight {tuple(w.shape)} takes "
@@ -225,17 +251,22 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
         raise ValueError(f"a gated activation needs [gate; up] weight rows, got an odd {N}")
     if M > cfg["BM"]:
         raise ValueError(f"the skinny kernel takes at most BM={cfg['BM']} rows, got M={M}")
+    xq = x_scale is not None
+    if xq and (bits != 8 or scales.dim() != 1):
+        raise ValueError("int8 x takes an int8 weight with one scale per row")
     cfg = dict(cfg)
     split = cfg.pop("SPLIT_K")
     n_bands = triton.cdiv(N // 2, cfg["BN"] // 2) if gated else triton.cdiv(N, cfg["BN"])
     NP = n_bands * cfg["BN"]
-    part = torch.empty((split, M, NP) if split > 1 else (1,), device=x2.device, dtype=torch.float32)
+    part = torch.empty((split, M, NP) if split > 1 else (1,), device=x2.device,
+                       dtype=torch.int32 if xq else torch.float32)
     locks = _locks(x2.device, n_bands) if split > 1 else part
-    _skinny_kernel[(n_bands, split)](x2, w, scales, bias if bias is not None else w, y, part, locks, M, N, K, NP,
-                                     x2.stride(0), w.stride(0), scales.stride(0) if bits != 16 else 0,
-                                     scales.stride(1) if bits != 16 else 0, y.stride(0), split,
+    stride_sn, stride_sg = (0, 0) if bits == 16 else (scales.stride(0), scales.stride(1) if scales.dim() == 2 else 0)
+    _skinny_kernel[(n_bands, split)](x2, w, scales, bias if bias is not None else w, y, part, locks,
+                                     x_scale if xq else scales, M, N, K, NP, x2.stride(0), w.stride(0),
+                                     stride_sn, stride_sg, y.stride(0), split,
                                      GROUP=group, BITS=bits, HAS_BIAS=bias is not None, ASM=x2.is_cuda,
-                                     ACT=kind, GATED=gated, **pdl.launch_args(x2.device), **cfg)
+                                     ACT=kind, GATED=gated, XQ=xq, **pdl.launch_args(x2.device), **cfg)
 
 
 # The fp16 weight's tiles: wgmma on 4 warps with about 2 programs per SM was the fastest in

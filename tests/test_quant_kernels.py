@@ -14,8 +14,9 @@ import torch.nn.functional as F  # noqa: E402
 from kernels.activation import bias_act_ref  # noqa: E402
 from kernels.quant_act import add_norm_quant, add_norm_quant_ref, quant_per_token, quant_per_token_ref  # noqa: E402
 from kernels.quant_gemm import pack_int4, unpack_int4, wxa16_gemm, wxa16_gemm_ref  # noqa: E402
-from kernels.skinny_gemm import skinny_linear  # noqa: E402
-from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_ref  # noqa: E402
+from kernels.skinny_gemm import skinny_config, skinny_linear  # noqa: E402
+from kernels.w8a8_gemm import decode_bk, w8a8_gemm, w8a8_gemm_ref  # noqa: E402
+from kernels.w8a8_gemm import default_config as default_w8a8_config  # noqa: E402
 from mii.model.layers import GatedUpLinear, Linear, QKVLinear  # noqa: E402
 from mii.model.quant import (QuantLinear, dequantize_weight, quantize_model,  # noqa: E402
                              quantize_weight)
@@ -102,13 +103,14 @@ def test_skinny_linear_matches_linear(M, N, K, dtype, config):
 
 
 @pytest.mark.parametrize("kind", ["silu_and_mul", "gelu_tanh_and_mul", "relu", "gelu"])
-@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("bits", [16, 8, 4, "8x8"])
 @pytest.mark.parametrize("M,config", [(1, "skinny_split3"), (5, "skinny_split7"), (3, None), (17, None)])
 def test_decode_gemv_fuses_activation(kind, bits, M, config):
     """act(x W^T + b) with the activation in the decode GEMV's epilogue, against the GEMM's
     torch reference rounded to fp16 and then the activation's torch reference. A gated kind
     takes W = [gate; up] (37 outputs: bands of gate/up row pairs end part-full). 17 rows is
-    past the decode kernel: the quantized path then runs the activation kernel after it."""
+    past the decode kernel: the weight-only path then runs the activation kernel after it,
+    and W8A8 (bits "8x8": int8 x and weight) refuses the activation."""
     K, group = 128, 32
     gated = kind.endswith("_and_mul")
     N = 2 * 37 if gated else 37
@@ -121,6 +123,16 @@ def test_decode_gemv_fuses_activation(kind, bits, M, config):
         w = (torch.randn(N, K) * 0.05).half().to(DEV)
         y = skinny_linear(x, w, bias, config=cfg, act=kind)
         u = F.linear(x.float(), w.float()).half()
+    elif bits == "8x8":
+        xq, xs = quant_per_token_ref(x)
+        wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEV)
+        ws = torch.rand(N, device=DEV) * 0.002 + 0.0005
+        if M > 16:
+            with pytest.raises(ValueError, match="only in the decode kernel"):
+                w8a8_gemm(xq, xs, wq, ws, bias, torch.float16, act=kind)
+            return
+        y = w8a8_gemm(xq, xs, wq, ws, bias, torch.float16, cfg, act=kind)
+        u = w8a8_gemm_ref(xq, xs, wq, ws, None, torch.float16)
     else:
         qweight, scales = random_qweight(N, K, bits, group, group_major=True)
         y = wxa16_gemm(x, qweight, scales, bias, bits, config=cfg, act=kind)
@@ -174,6 +186,31 @@ def test_w8a8_gemm_matches_reference(M, N, K, dtype, with_bias):
     # fp32 epilogue's rounding (and fp16 output) separates kernel and reference.
     for cfg in (None, dict(BM=16, BN=32, BK=32, GROUP_M=2, num_warps=4, num_stages=1)):
         assert rel(w8a8_gemm(xq, x_scale, wq, w_scale, bias, dtype, cfg), ref) < 1e-3
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 40, 96), (5, 70, 256), (16, 33, 576)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_w8a8_decode_skinny_matches_reference(M, N, K, dtype, with_bias):
+    """Decode sizes take the weight-streaming kernel with int8 x: ragged N, K tiles of 32, 64
+    and 128, K whole or split over 2-9 programs whose int32 partials are summed exactly."""
+    xq = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=DEV)
+    wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEV)
+    x_scale = torch.rand(M, device=DEV) * 0.02 + 0.005
+    w_scale = torch.rand(N, device=DEV) * 0.002 + 0.0005
+    bias = torch.randn(N, dtype=dtype, device=DEV) if with_bias else None
+    ref = w8a8_gemm_ref(xq, x_scale, wq, w_scale, bias, dtype)
+    bk = decode_bk(K)
+    assert bk == {96: 32, 256: 128, 576: 64}[K]
+    configs = [None, skinny_config(N, K, bk, 4, BN=32, BK=bk, waves=16, min_tiles=1),
+               dict(CONFIGS["skinny_steps"])]  # three K tiles a step, some last steps short
+    assert default_w8a8_config(M, N, K)["kind"] == "skinny" and configs[1]["SPLIT_K"] > 1
+    for cfg in configs:
+        y = w8a8_gemm(xq, x_scale, wq, w_scale, bias, dtype, cfg)
+        if DEV == "cpu":  # the same int32 sums and the same fp32 ops in the same order
+            assert torch.equal(y, ref)
+        else:  # the GPU may fuse the epilogue's multiply and bias add
+            assert rel(y, ref) < 1e-3
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 40, 96), (37, 70, 64), (70, 33, 208)])

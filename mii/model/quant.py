@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from kernels.quant_act import add_norm_quant, add_norm_quant_ref, quant_per_token, quant_per_token_ref
 from kernels.quant_gemm import dequantize_ref, pack_int4, wxa16_gemm, wxa16_gemm_ref
-from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_ref
+from kernels.skinny_gemm import SKINNY_M
+from kernels.w8a8_gemm import decode_bk, w8a8_gemm, w8a8_gemm_ref
 from mii.policies.base import DEFAULT_QUANTIZABLE
 from .layers import GatedUpLinear, Linear, Norm, QKVLinear, _param, decode_sized
 from .parallel import TP, Partial
@@ -207,15 +208,23 @@ class QuantLinear(nn.Module):
         """Whether this layer wants its input as an :class:`Int8Act` (so the norm before it quantizes)."""
         return self.mode == "w8a8"
 
-    def fuses_act(self, x: torch.Tensor) -> bool:
-        """As on ``Linear``: W8A16/W4A16 decode applies the activation in its kernel's epilogue."""
-        return self.mode != "w8a8" and self.kind != "row" and decode_sized(x)
+    def fuses_act(self, x: torch.Tensor | Int8Act) -> bool:
+        """As on ``Linear``: decode applies the activation in its kernel's epilogue (W8A8 on
+        the int8 activation its norm quantized, when the decode kernel takes its K)."""
+        if self.kind == "row":
+            return False
+        if self.mode == "w8a8":
+            return (isinstance(x, Int8Act) and x.q.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+                    and x.q.numel() <= SKINNY_M * x.q.shape[-1] and decode_bk(self.in_features) > 0)
+        return isinstance(x, torch.Tensor) and decode_sized(x)
 
     def forward(self, x: torch.Tensor | Int8Act, act: str | None = None, defer: bool = False
                 ) -> torch.Tensor | Partial:
         if act is not None:  # see Linear.forward
-            if not (isinstance(x, torch.Tensor) and self.fuses_act(x)):
+            if not self.fuses_act(x):
                 raise ValueError(f"this {self.mode} layer cannot fuse an activation on this input")
+            if self.mode == "w8a8":
+                return w8a8_gemm(x.q, x.scale, self.qweight, self.scales, self.bias, x.dtype, act=act)
             return wxa16_gemm(x, self.qweight, self.scales, self.bias, self.bits, act=act)
         if isinstance(x, Int8Act):
             return self.forward_int8(*x, defer=defer)
