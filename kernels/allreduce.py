@@ -52,10 +52,11 @@ def _raise(flag, ASM: tl.constexpr):
 
 
 @triton.jit
-def _exchange(x, offs, mask, bufs, pads, counters, pid, REGION, SLOT: tl.constexpr, RANK: tl.constexpr,
-              W: tl.constexpr, ASM: tl.constexpr):
+def _share(x, offs, mask, bufs, pads, counters, pid, REGION, SLOT: tl.constexpr, RANK: tl.constexpr,
+           W: tl.constexpr, ASM: tl.constexpr):
     """Steps 1-2 for program ``pid``'s values ``x`` at ``offs`` (< REGION elements) of its
-    region: their sum over the ranks in float32, added in rank order."""
+    region, bar the sum: returns where rank p's values now lie in this rank's memory,
+    ``mine + (base + p) * REGION + offs``, as (mine, base)."""
     ty = x.dtype
     call = tl.load(counters + pid)
     base = (pid * 2 + call % 2) * W  # regions and flags of (program, parity), one per sending rank
@@ -74,15 +75,42 @@ def _exchange(x, offs, mask, bufs, pads, counters, pid, REGION, SLOT: tl.constex
             while got != 1:
                 got = tl.atomic_cas(own + p, 1, 0, sem="acquire", scope="sys")
     tl.debug_barrier()  # and every thread's loads come after the acquire
-    mine = tl.load(bufs + RANK).to(tl.pointer_type(ty))
+    tl.store(counters + pid, call + 1)
+    return tl.load(bufs + RANK).to(tl.pointer_type(ty)), base
+
+
+@triton.jit
+def _exchange(x, offs, mask, bufs, pads, counters, pid, REGION, SLOT: tl.constexpr, RANK: tl.constexpr,
+              W: tl.constexpr, ASM: tl.constexpr):
+    """Steps 1-2 for program ``pid``'s values ``x`` at ``offs`` (< REGION elements) of its
+    region: their sum over the ranks in float32, added in rank order."""
+    mine, base = _share(x, offs, mask, bufs, pads, counters, pid, REGION, SLOT, RANK, W, ASM)
     acc = tl.zeros_like(x).to(tl.float32)
     for p in tl.static_range(W):  # rank order everywhere: the same sum on every rank
         if p == RANK:
             acc += x.to(tl.float32)
         else:
             acc += tl.load(mine + (base + p) * REGION + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
-    tl.store(counters + pid, call + 1)
     return acc
+
+
+@triton.jit
+def _gather_kernel(x_ptr, y_ptr, bufs, pads, counters, N, C, REGION, RANK: tl.constexpr, W: tl.constexpr,
+                   BLOCK: tl.constexpr, SLOT: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False):
+    # x: [N / C, C] flattened, this rank's columns; y: [N / C, W * C], every rank's side by side.
+    enter(PDL)  # see kernels/pdl.py
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    i = pid * BLOCK + cols
+    mask = i < N
+    x = tl.load(x_ptr + i, mask=mask, other=0.0)
+    mine, base = _share(x, cols, mask, bufs, pads, counters, pid, REGION, SLOT, RANK, W, ASM)
+    out = y_ptr + (i // C) * (W * C) + i % C
+    for p in tl.static_range(W):
+        if p == RANK:
+            tl.store(out + p * C, x, mask=mask)
+        else:
+            tl.store(out + p * C, tl.load(mine + (base + p) * REGION + cols, mask=mask, volatile=True), mask=mask)
 
 
 @triton.jit
@@ -186,6 +214,21 @@ class PeerAllReduce:
                                                    W=self.world, BLOCK=block, SLOT=SLOT0, ASM=self.asm,
                                                    num_warps=4 if block <= 2048 else 8, **pdl.launch_args(x.device))
         return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x [..., C] side by side along the last dimension, [..., W * C], as
+        ``torch.distributed.all_gather`` then ``torch.cat`` (the vocab-parallel LM head's
+        logits); for x that :meth:`fits`."""
+        n = x.numel()
+        y = torch.empty(*x.shape[:-1], self.world * x.shape[-1], dtype=x.dtype, device=x.device)
+        if n == 0:
+            return y
+        block = self._block(n)
+        _gather_kernel[(triton.cdiv(n, block),)](x, y, self.bufs, self.pads, self.counters, n, x.shape[-1],
+                                                 self.region // x.element_size(), RANK=self.rank, W=self.world,
+                                                 BLOCK=block, SLOT=SLOT0, ASM=self.asm,
+                                                 num_warps=4 if block <= 2048 else 8, **pdl.launch_args(x.device))
+        return y
 
     def fits_rows(self, x: torch.Tensor) -> bool:
         """Whether :meth:`add_norm` takes x: one program per row, each with its own region."""

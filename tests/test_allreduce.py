@@ -105,6 +105,30 @@ def test_reduce_add_norm_interpreted(world):
     assert all(int(p.abs().sum()) == 0 for p in pads)
 
 
+def _gather_rank(r, world, xs, bufs_t, pads_t, outs):
+    ar = _interpreted(r, world, bufs_t, pads_t)
+    outs[r][0].copy_(ar.all_gather_last_dim(xs[r]))
+    ar(xs[r].clone().reshape(-1)[:1024])  # one program only: program 0's counter runs ahead
+    outs[r][1].copy_(ar.all_gather_last_dim(xs[r] * 2))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_gather_last_dim_interpreted(world):
+    """The peer-memory all-gather (a vocab-parallel LM head's logits) against ``torch.cat``
+    of every rank's part, bit for bit: rows of 700 that straddle programs of 1,024 elements,
+    before and after a call that only advances the first program's parity."""
+    T, C, dtype = 3, 700, torch.float16
+    g = torch.Generator().manual_seed(world)
+    xs = [torch.randn(T, C, generator=g).to(dtype).share_memory_() for _ in range(world)]
+    bufs, pads = _shared_buffers(world)
+    outs = [torch.zeros(2, T, world * C, dtype=dtype).share_memory_() for _ in range(world)]
+    _run_ranks(world, _gather_rank, (world, xs, bufs, pads, outs), timeout=240)
+    for r in range(world):
+        assert torch.equal(outs[r][0], torch.cat(xs, dim=-1)), r
+        assert torch.equal(outs[r][1], torch.cat([x * 2 for x in xs], dim=-1)), r
+    assert all(int(p.abs().sum()) == 0 for p in pads)
+
+
 def _gpu_rank(r, world, port, q):
     import torch.distributed as dist
     from kernels.allreduce import PeerAllReduce
@@ -146,6 +170,12 @@ def _gpu_rank(r, world, port, q):
         y, h = ar.add_norm(x, lb, res, w, None if rms else b, 1e-5, rms)
         want = add_norm(ar(x.clone()) + lb, res, w, None if rms else b, 1e-5, rms)
         ok.append(bool(torch.equal(y, want[0]) and torch.equal(h, want[1])))
+    # the all-gather of a vocab-parallel LM head's logits, against NCCL's
+    for T in (1, 16):
+        x = torch.randn(T, 16000, device="cuda", dtype=torch.float16)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x)
+        ok.append(bool(torch.equal(ar.all_gather_last_dim(x), torch.cat(parts, dim=-1))))
     torch.cuda.synchronize()
     q.put((r, ok))
     dist.barrier()

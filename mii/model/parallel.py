@@ -59,8 +59,12 @@ class Partial:
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x side by side along the last dimension (a vocab-parallel LM head's
+    logits); decode sizes take the peer-memory kernel, as ``all_reduce`` does."""
     if TP.size == 1:
         return x
+    if TP.peer_all_reduce is not None and x.is_contiguous() and TP.peer_all_reduce.fits(x):
+        return TP.peer_all_reduce.all_gather_last_dim(x)
     parts = [torch.empty_like(x) for _ in range(TP.size)]
     dist.all_gather(parts, x.contiguous(), group=TP.group)
     return torch.cat(parts, dim=-1)
