@@ -21,6 +21,24 @@ SHAPES: dict[str, tuple[str, dict]] = {
 }
 
 
+def rank_shape(name: str, tp: int) -> str:
+    """Register and return the name of one tensor-parallel rank's share of a Llama shape as
+    a model of its own: heads, KV heads (where they split), MLP width and vocabulary over
+    ``tp``, hidden size and head size kept. On one GPU it runs a TP rank's kernels without
+    the all-reduces, which bounds what TP can reach."""
+    arch, kw = SHAPES[name]
+    if not arch.startswith("Llama"):
+        raise ValueError(f"rank_shape takes a Llama shape, {name!r} is {arch}")
+    kw = dict(kw, head_dim=kw["hidden_size"] // kw["num_attention_heads"])
+    for k in ("num_attention_heads", "intermediate_size", "vocab_size"):
+        kw[k] //= tp
+    if kw["num_key_value_heads"] >= tp:
+        kw["num_key_value_heads"] //= tp
+    rank = f"{name}-rank-of-{tp}"
+    SHAPES[rank] = (arch, kw)
+    return rank
+
+
 def build(name: str, root: Path, dtype: torch.dtype = torch.float16):
     """Random-init HF model on the GPU, saved (once) as a checkpoint our engine loads.
     Returns (checkpoint dir, the HF model on the GPU)."""

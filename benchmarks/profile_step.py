@@ -27,7 +27,7 @@ from .run import copy_bandwidth
 def _kind(name: str) -> str:
     n = name.lower()
     for key, kind in (("reduce_add_norm", "all-reduce+norm"), ("gemv", "gemm"), ("skinny", "gemm"), ("w8a8", "gemm"),
-                      ("one_shot", "all-reduce"), ("nccl", "all-reduce"), ("quant", "act quant"), ("dequant", "dequantize"), ("gemm", "gemm"),
+                      ("one_shot", "all-reduce"), ("_gather_kernel", "all-gather"), ("nccl", "all-reduce"), ("quant", "act quant"), ("dequant", "dequantize"), ("gemm", "gemm"),
                       ("sm90", "gemm"), ("cutlass", "gemm"), ("matmul", "gemm"),
                       ("_decode_kernel", "attention"), ("_prefill_kernel", "attention"),
                       ("rotary", "rotary+kv write"), ("norm", "norm"), ("act", "activation"), ("argmax", "sampling"),

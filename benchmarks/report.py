@@ -140,14 +140,25 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                      "TP=2 step."] if "allreduce_per_step_ms" in t else []),
                   *([f"- all-reduce, residual add and RMSNorm of one token, 64 in a CUDA graph: "
                      f"{t['peer_then_norm_us']:.1f} us as two kernels, {t['fused_norm_us']:.1f} us fused."]
-                    if "fused_norm_us" in t else []), ""]
+                    if "fused_norm_us" in t else []),
+                  *([f"- the all-reduce timed on its own (the two lines above): {t['allreduce_from']}."]
+                    if "allreduce_from" in t else []),
+                  *([f"- one rank's share of the model alone on one GPU ({t['rank_alone']['shape']}: the same "
+                     f"kernels, no all-reduce, no gather): {t['rank_alone']['bs1_ms_per_step']:.2f} ms/step, "
+                     f"{t['rank_alone']['ratio_to_tp1']:.2f}x TP=1. That is TP=2 with exchanges that cost "
+                     f"nothing; they add {t['tp2']['bs1_ms_per_step'] - t['rank_alone']['bs1_ms_per_step']:.2f} ms."]
+                    if "rank_alone" in t else []), ""]
         if "tp2_profile" in t:  # rank 0's kernels per decode step (`--profile`), TP=1 against TP=2
-            p1, p2 = t["tp1_profile"], t["tp2_profile"]
+            ps = [t["tp1_profile"], t["tp2_profile"]]
+            names = ["TP=1", "TP=2"]
+            if "profile" in t.get("rank_alone", {}):
+                ps.append(t["rank_alone"]["profile"])
+                names.append("one rank alone")
             lines += ["Rank 0's GPU kernels per bs=1 decode step (us; torch.profiler over 32 steps, graph replays "
-                      "included):", "", _row(["kernels", "TP=1", "TP=2"]), _row(["---"] * 3),
-                      _row(["step (ms)", f"{p1['ms_per_step']:.3f}", f"{p2['ms_per_step']:.3f}"])]
-            for k in dict.fromkeys(list(p2["kernels"]) + list(p1["kernels"])):
-                lines.append(_row([k] + [f"{p['kernels'][k]['us']:.0f}" if k in p["kernels"] else "" for p in (p1, p2)]))
+                      "included):", "", _row(["kernels"] + names), _row(["---"] * (1 + len(ps))),
+                      _row(["step (ms)"] + [f"{p['ms_per_step']:.3f}" for p in ps])]
+            for k in dict.fromkeys(k for p in ps[1:] + ps[:1] for k in p["kernels"]):
+                lines.append(_row([k] + [f"{p['kernels'][k]['us']:.0f}" if k in p["kernels"] else "" for p in ps]))
             lines.append("")
     for p in sorted(Path(results).glob("profile-prefill-*.json")):
         f = json.loads(p.read_text())

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import ours
-from .models import build
+from .models import build, rank_shape
 from mii.config import SamplingParams
 
 
@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--skip-allreduce", action="store_true", help="do not time the all-reduce on its own")
     ap.add_argument("--watchdog", type=float, default=0, help="dump all stacks and exit after this many seconds")
     ap.add_argument("--profile", action="store_true", help="also break rank 0's decode step into kernels")
+    ap.add_argument("--rank-alone", action="store_true",
+                    help="also time one TP=2 rank's share of the model on one GPU, without all-reduces")
     ap.add_argument("--allreduce-only", type=Path, default=None,
                     help="keep this earlier result's engine figures; measure the all-reduce again")
     args = ap.parse_args()
@@ -110,6 +112,10 @@ def main() -> None:
         res = json.loads(args.allreduce_only.read_text())
     else:
         _engines(args, res, say)
+    if args.rank_alone:
+        res["rank_alone"] = _rank_alone(args, say)
+        res["rank_alone"]["ratio_to_tp1"] = res["rank_alone"]["bs1_ms_per_step"] / res["tp1"]["bs1_ms_per_step"]
+        _save(args, res)
     from .models import SHAPES
     kw = SHAPES[args.model][1]
     hidden, layers = kw.get("hidden_size"), kw.get("num_hidden_layers")
@@ -184,6 +190,27 @@ def _engines(args, res: dict, say) -> None:
         res["max_logprob_diff"] = _max_diff(top5[1], top5[2])
         if "fp16" in top5:
             res["max_logprob_diff_vs_fp16"] = {f"tp{tp}": _max_diff(top5["fp16"], top5[tp]) for tp in (1, 2)}
+
+
+def _rank_alone(args, say) -> dict:
+    """bs=1 decode of one TP=2 rank's share of the model (``models.rank_shape``) on one GPU:
+    the rank's GEMVs, attention and norms with no all-reduce and no logits gather. TP=2's
+    step minus this is what the exchanges cost inside the step, waits included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path, model = build(rank_shape(args.model, 2), Path(tmp))
+        del model
+        torch.cuda.empty_cache()
+        eng, startup = ours.make_engine(path, enable_cuda_graph=not args.no_cuda_graph, quantize=args.quantize)
+        ours.decode(eng, 1, new_tokens=16)
+        d = ours.decode(eng, 1)
+        out = {"shape": rank_shape(args.model, 2), "bs1_ms_per_step": d["ms_per_step"]}
+        if args.profile:
+            out["profile"] = _profile(eng)
+        say(f"one rank's share alone: {d['ms_per_step']:.2f} ms/step")
+        eng.shutdown()
+        del eng
+        torch.cuda.empty_cache()
+    return out
 
 
 def _max_diff(xs: list[dict], ys: list[dict]) -> float:
