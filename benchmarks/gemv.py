@@ -1,7 +1,8 @@
 """Decode-shape weight-only GEMMs against fp16 cuBLAS: `python -m benchmarks.gemv --out DIR [--sweep]`.
 
 For each linear of the 7B Llama shape (qkv, o, gate_up, down) and M in {1, 4, 16} rows it
-times fp16 ``F.linear`` (cuBLAS), W8A16 and W4A16 (``kernels/quant_gemm.py``), and reports
+times fp16 ``F.linear`` (cuBLAS), W8A16 and W4A16 (``kernels/quant_gemm.py``) and W8A8 on
+int8 x (``kernels/w8a8_gemm.py``), and reports
 the bandwidth each reaches, (weight bytes + scale bytes) / time, against the measured
 device-to-device copy bandwidth (bytes read + written). Writes ``gemv.json`` under --out.
 

@@ -196,14 +196,15 @@ def _rank_alone(args, say) -> dict:
     """bs=1 decode of one TP=2 rank's share of the model (``models.rank_shape``) on one GPU:
     the rank's GEMVs, attention and norms with no all-reduce and no logits gather. TP=2's
     step minus this is what the exchanges cost inside the step, waits included."""
+    shape = rank_shape(args.model, 2)
     with tempfile.TemporaryDirectory() as tmp:
-        path, model = build(rank_shape(args.model, 2), Path(tmp))
+        path, model = build(shape, Path(tmp))
         del model
         torch.cuda.empty_cache()
         eng, startup = ours.make_engine(path, enable_cuda_graph=not args.no_cuda_graph, quantize=args.quantize)
         ours.decode(eng, 1, new_tokens=16)
         d = ours.decode(eng, 1)
-        out = {"shape": rank_shape(args.model, 2), "bs1_ms_per_step": d["ms_per_step"]}
+        out = {"shape": shape, "bs1_ms_per_step": d["ms_per_step"]}
         if args.profile:
             out["profile"] = _profile(eng)
         say(f"one rank's share alone: {d['ms_per_step']:.2f} ms/step")
