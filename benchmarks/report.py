@@ -52,7 +52,8 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"ours {s['output_tok_s']:.0f} output tok/s; TTFT mean/p50/p99 {s['ttft_ms']['mean']:.0f}/"
                   f"{s['ttft_ms']['p50']:.0f}/{s['ttft_ms']['p99']:.0f} ms; inter-token mean/p50/p99 "
                   f"{s['itl_ms']['mean']:.1f}/{s['itl_ms']['p50']:.1f}/{s['itl_ms']['p99']:.1f} ms; "
-                  f"{s['preemptions']} preemptions. " + _where(s), ""]
+                  f"{s['preemptions']} preemptions" + (f" with a KV cache of {o['kv_cache_tokens']} tokens"
+                                                        if "kv_cache_tokens" in o else "") + ". " + _where(s), ""]
         if r.get("hf_reused_from"):
             lines.append(f"- HF figures below are from the {r['hf_reused_from']} run on the same device and "
                          f"workload (HF unchanged; only ours was rerun).")
