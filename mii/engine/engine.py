@@ -160,40 +160,46 @@ class LLMEngine:
 
     def _apply(self, seqs: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]
                ) -> list[RequestOutput]:
+        # Runs for every sampled token; at large decode batches the host bounds the step.
         outputs = []
         now = time.monotonic()
         for seq, token, lp in zip(seqs, tokens, logprobs):
             seq.num_pending -= 1
-            if seq.finished:  # stopped or aborted while this token was in flight
+            if seq.status is Status.FINISHED:  # stopped or aborted while this token was in flight
                 continue
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            reason = self._check_finish(seq, token)
+            d = self.detok[seq.request_id]
+            reason = self._check_finish(seq, token, d)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            outputs.append(self._emit(seq, [token], [lp] if lp is not None else []))
+            outputs.append(self._emit(seq, [token], [lp] if lp is not None else [], d))
         return outputs
 
-    def _check_finish(self, seq: Sequence, token: int) -> str | None:
+    def _check_finish(self, seq: Sequence, token: int, d: Detokenizer) -> str | None:
         p = seq.params
-        if self.detok[seq.request_id].add(token):
+        if d.add(token):
             return "stop"
-        if seq.num_generated >= p.min_new_tokens:
+        n = len(seq.token_ids)
+        if n - seq.num_prompt >= p.min_new_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
                 return "stop"
-        if seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+        if n - seq.num_prompt >= p.max_new_tokens or n >= self.max_model_len:
             return "length"
         return None
 
-    def _emit(self, seq: Sequence, new_ids: list[int], lps: list[TokenLogprob]) -> RequestOutput:
-        d = self.detok[seq.request_id]
-        text = d.take(seq.finished)
-        if seq.finished:
+    def _emit(self, seq: Sequence, new_ids: list[int], lps: list[TokenLogprob],
+              d: Detokenizer | None = None) -> RequestOutput:
+        d = d or self.detok[seq.request_id]
+        finished = seq.status is Status.FINISHED
+        text = d.take(finished)
+        if finished:
             del self.seqs[seq.request_id], self.detok[seq.request_id]
             self._sync_only.discard(seq.request_id)
-        return RequestOutput(seq.request_id, text, new_ids, lps, seq.finished, seq.finish_reason,
-                             seq.num_prompt, seq.num_generated, d.text if seq.finished else d.text[:d.emitted])
+        return RequestOutput(seq.request_id, text, new_ids, lps, finished, seq.finish_reason,
+                             seq.num_prompt, len(seq.token_ids) - seq.num_prompt,
+                             d.text if finished else d.text[:d.emitted])
 
     # -- blocking convenience ---------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]

@@ -88,6 +88,8 @@ class Detokenizer:
             return False
         start = max(0, len(self.text) - self.holdback)
         self.text += piece
+        if not self.stop:
+            return False
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]

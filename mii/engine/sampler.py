@@ -34,7 +34,8 @@ class Sampler:
         here waits for the device: the tokens come back through :class:`Sampled`."""
         params = [s.params for s in seqs]
         raw = logits
-        if any(p.repetition_penalty != 1.0 or _generated(s) < p.min_new_tokens for s, p in zip(seqs, params)):
+        if any(p.repetition_penalty != 1.0 or (p.min_new_tokens and _generated(s) < p.min_new_tokens)
+               for s, p in zip(seqs, params)):
             logits = self._penalize(logits.clone(), seqs, params)  # raw stays intact for logprobs
         if all(p.greedy for p in params):
             tokens = self.argmax_fn(logits)

@@ -50,8 +50,8 @@ class Scheduler:
         with new prompts meant that a few steps later the decodes had no room to grow and
         the newest sequence, usually the one just admitted, was preempted and its prompt
         computed again (vLLM's admission watermark answers the same problem). On the 7B
-        serving benchmark (1,000 requests, about 110k tokens of KV) that thrash preempted
-        275-310 times and recomputed a quarter of the prompt tokens.
+        serving benchmark (1,000 requests, H100) that thrash preempted 310 times; a cost
+        model of the same run recomputed a quarter of the prompt tokens.
         """
         budget = self.max_tokens
         out: list[ScheduledSeq] = []
