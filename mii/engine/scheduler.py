@@ -74,13 +74,18 @@ class Scheduler:
                 out.append(ScheduledSeq(seq, n))
                 budget -= n
                 i += 1
-        reserve = sum(self._headroom(seq) for seq in self.running) if self.waiting and not preempted else 0
+        reserve = None  # summed only once an admission is in question
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending:  # preempted with a token in flight: its ids are not all known yet
                 break
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if self.blocks.blocks_needed(seq, seq.num_computed + n) > self.blocks.num_free - reserve:
+            need = self.blocks.blocks_needed(seq, seq.num_computed + n)
+            if need > self.blocks.num_free:
+                break
+            if reserve is None:
+                reserve = sum(self._headroom(s) for s in self.running)
+            if need > self.blocks.num_free - reserve:
                 break
             self.waiting.popleft()
             self.blocks.grow(seq, seq.num_computed + n)
@@ -97,8 +102,9 @@ class Scheduler:
         its last token is in flight."""
         if seq.capped:
             return 0
-        horizon = min(seq.num_tokens + self.blocks.block_size, seq.num_prompt + seq.params.max_new_tokens)
-        return self.blocks.blocks_needed(seq, horizon)
+        bs = self.blocks.block_size  # blocks_needed, inlined: this runs per running sequence per step
+        horizon = min(len(seq.token_ids) + seq.num_pending + bs, seq.num_prompt + seq.params.max_new_tokens)
+        return max(0, -(-horizon // bs) - len(seq.block_table))
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq)
