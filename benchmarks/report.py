@@ -21,7 +21,8 @@ def _where(s: dict) -> str:
 
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
-            if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-", "pdl-", "decode-attn"))]
+            if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-", "pdl-", "decode-attn",
+                                      "host-"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -182,11 +183,37 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"roofline (weights / copy bandwidth) {f['roofline_ms']:.3f} ms.", "",
                   _row(["kernels", "count", "us"]), _row(["---"] * 3)]
         lines += [_row([k, v["count"], v["us"]]) for k, v in f["kernels"].items()] + [""]
+    host = Path(results) / "host-cpu.json"
+    if host.is_file():
+        lines += _host_section(json.loads(host.read_text()))
     notes = Path(results) / "notes.md"  # hand-written context for runs that did not finish
     if notes.is_file():
         lines += [notes.read_text()]
     Path(out).write_text("\n".join(lines) + "\n")
     _plot(runs, Path(out).with_name("results.png"))
+
+
+def _host_section(h: dict) -> list[str]:
+    """``benchmarks.host``: the host's share of a step on the CPU, and the admission cost model."""
+    m, runs = h["meta"], {"decode, bs=128": h["decode_bs128"], "serving mix, 400 requests": h["serving_400"]}
+    phases = list(dict.fromkeys(k for r in runs.values() for k in r["phase_ms_per_step"]))
+    lines = ["## Host work per step (CPU)", "",
+             f"{m['machine']}, {m['threads']} threads, {m['date']}; torch {m['torch']}; `python -m benchmarks.host "
+             "--schedule`: a tiny Llama through the real engine, each phase of a step timed (ms per step). Host work "
+             "is all but the forward pass and sampling, which the GPU runs in a deployment.", "",
+             _row(["phase"] + list(runs)), _row(["---"] * (1 + len(runs))),
+             _row(["host work"] + [f"{r['host_ms_per_step']:.3f}" for r in runs.values()])]
+    lines += [_row([k] + [f"{r['phase_ms_per_step'].get(k, 0):.3f}" for r in runs.values()]) for k in phases]
+    a = h.get("admission")
+    if a:
+        lines += ["", f"Admission cost model: the 7B serving workload (1,000 requests) through the real scheduler "
+                  f"against {a['kv_tokens']:,} tokens of KV, with the step cost modeled on the H100:", ""]
+        for name, what in (("headroom", "with the headroom"), ("full_cache", "filling the cache to its last block")):
+            r = a[name]
+            lines.append(f"- {what}: {r['preemptions']} preemptions, {r['steps']} steps, "
+                         f"{r['prompt_tokens_computed'] - r['prompt_tokens']:,} prompt tokens computed again, "
+                         f"{r['model_seconds']:.1f} model seconds.")
+    return lines + [""]
 
 
 def _plot(runs, path: Path) -> None:

@@ -1,7 +1,7 @@
 """The scheduler's admission headroom, driven directly (no model): a new prompt is admitted
 only where the running sequences keep room for their next block, and a workload that fills
-the KV cache then runs through without a single preemption, where filling the cache to the
-last block preempts and recomputes prompts."""
+the KV cache then preempts and recomputes a tenth or less of what filling the cache to the
+last block does."""
 import random
 
 import pytest
@@ -34,11 +34,12 @@ def drive(sched: Scheduler) -> int:
         assert steps < 100_000
         for item in batch:
             s = item.seq
+            samples = item.samples  # before the sequence moves past this step's tokens
             if s.num_computed < s.num_prompt:
                 prefilled += min(item.num_tokens, s.num_prompt - s.num_computed)
             s.num_computed += item.num_tokens
             assert len(s.block_table) * sched.blocks.block_size >= s.num_computed
-            if item.samples:
+            if samples:
                 s.token_ids.append(1)
                 if s.num_generated >= s.params.max_new_tokens:
                     sched.finish(s, "length")
@@ -52,7 +53,7 @@ def workload(n: int, seed: int = 0) -> list[Sequence]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_headroom_admits_without_preempting_where_a_full_cache_thrashes(seed):
+def test_headroom_preempts_a_tenth_of_what_a_full_cache_does(seed):
     # 200 requests of up to 192 tokens against 1,600 tokens of KV: the cache is the limit.
     results = {}
     for cls in (Scheduler, NoHeadroom):
@@ -64,8 +65,9 @@ def test_headroom_admits_without_preempting_where_a_full_cache_thrashes(seed):
         assert all(r.finished and r.num_generated == r.params.max_new_tokens for r in reqs)
         results[cls] = (sched.num_preemptions, prefilled, sum(r.num_prompt for r in reqs))
     (pre, prefilled, prompts), (pre_full, prefilled_full, _) = results[Scheduler], results[NoHeadroom]
-    assert pre_full > 10 and prefilled_full > prompts, "the workload was meant to thrash a full cache"
-    assert pre == 0 and prefilled == prompts
+    assert pre_full >= 40, "the workload was meant to thrash a full cache"
+    # The headroom covers one block per sequence, not its whole future: a few preemptions remain.
+    assert pre <= pre_full // 10 and prefilled - prompts <= (prefilled_full - prompts) // 10
 
 
 def test_admission_keeps_one_block_per_running_decode():
