@@ -24,7 +24,7 @@ from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .output import Completion, Detokenizer, RequestOutput
 from .scheduler import ScheduledSeq, Scheduler
-from .sequence import Sequence, Status, TokenLogprob
+from .sequence import Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class LLMEngine:
         now = time.monotonic()
         for seq, token, lp in zip(seqs, tokens, logprobs):
             seq.num_pending -= 1
-            if seq.status is Status.FINISHED:  # stopped or aborted while this token was in flight
+            if seq.finished:  # stopped or aborted while this token was in flight
                 continue
             seq.token_ids.append(token)
             if seq.first_token_time is None:
@@ -181,25 +181,23 @@ class LLMEngine:
         p = seq.params
         if d.add(token):
             return "stop"
-        n = len(seq.token_ids)
-        if n - seq.num_prompt >= p.min_new_tokens:
+        if seq.num_generated >= p.min_new_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
                 return "stop"
-        if n - seq.num_prompt >= p.max_new_tokens or n >= self.max_model_len:
+        if seq.num_generated >= p.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
             return "length"
         return None
 
     def _emit(self, seq: Sequence, new_ids: list[int], lps: list[TokenLogprob],
               d: Detokenizer | None = None) -> RequestOutput:
-        d = d or self.detok[seq.request_id]
-        finished = seq.status is Status.FINISHED
-        text = d.take(finished)
-        if finished:
+        if d is None:
+            d = self.detok[seq.request_id]
+        text = d.take(seq.finished)
+        if seq.finished:
             del self.seqs[seq.request_id], self.detok[seq.request_id]
             self._sync_only.discard(seq.request_id)
-        return RequestOutput(seq.request_id, text, new_ids, lps, finished, seq.finish_reason,
-                             seq.num_prompt, len(seq.token_ids) - seq.num_prompt,
-                             d.text if finished else d.text[:d.emitted])
+        return RequestOutput(seq.request_id, text, new_ids, lps, seq.finished, seq.finish_reason,
+                             seq.num_prompt, seq.num_generated, d.text if seq.finished else d.text[:d.emitted])
 
     # -- blocking convenience ---------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
