@@ -1,5 +1,6 @@
 """The per-request token stream that the serving layer builds on."""
 import asyncio
+import threading
 
 import pytest
 
@@ -66,3 +67,36 @@ async def _enumerate(stream):
     async for o in stream:
         yield i, o
         i += 1
+
+
+def test_a_fault_outside_the_step_fails_requests_instead_of_stranding_them(tiny_model_dir):
+    """An exception on the loop thread outside engine.step() (here injected into abort) marks
+    the loop failed and ends every waiting stream with an error; nothing hangs."""
+    eng = LLMEngine(EngineConfig(model=str(tiny_model_dir("GPTNeoXForCausalLM")), device="cpu", show_progress=False))
+    lp = EngineLoop(eng)
+    try:
+        def broken_abort(request_id):
+            raise KeyError(request_id)
+
+        eng.abort = broken_abort
+        waiting = lp.submit("Hello", SamplingParams(max_new_tokens=10_000, temperature=0, ignore_eos=True))
+        next(iter(waiting))  # running
+        lp.abort(waiting.request_id)
+        errors = []
+        reader = threading.Thread(target=lambda: _expect_error(waiting, errors), daemon=True)
+        reader.start()
+        reader.join(timeout=60)  # a regression fails here instead of hanging the suite
+        assert not reader.is_alive(), "the stream is still waiting"
+        assert len(errors) == 1 and "engine is down" in str(errors[0]), errors
+        assert isinstance(lp.failed, KeyError)
+        with pytest.raises(RuntimeError, match="engine is down"):
+            lp.submit("Hello", P)
+    finally:
+        lp.shutdown()
+
+
+def _expect_error(stream, errors: list) -> None:
+    try:
+        list(stream)
+    except RuntimeError as e:
+        errors.append(e)

@@ -138,7 +138,11 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stop:
-            self._drain()
+            try:
+                self._drain()
+            except Exception as e:  # a fault here would end the thread silently and strand every request
+                self.failed = e
+                break
             if not self.engine.has_unfinished():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
