@@ -115,6 +115,10 @@ class SamplingParams:
     temperature 0 means greedy. top_k 0 means no top-k cut. seed makes the request's
     samples reproducible whatever else shares its batch. logprobs=N returns the chosen
     token's log-probability plus the N most likely alternatives (N=0: chosen only).
+    presence_penalty and frequency_penalty are OpenAI's: each token's logit is lowered by
+    presence_penalty once it has been generated and by frequency_penalty per time it has
+    been generated (the prompt does not count; repetition_penalty's does). logit_bias maps
+    token ids to values added to their logits (-100 bans a token, 100 all but forces it).
     """
 
     max_new_tokens: int = 128
@@ -123,6 +127,9 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -147,6 +154,16 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+        self.logit_bias = dict(self.logit_bias)
+        for t, b in self.logit_bias.items():
+            if not isinstance(t, int) or t < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+            if not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b!r} for token {t}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -159,6 +176,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalizes_history(self) -> bool:
+        """Whether sampling depends on the tokens seen so far (so they must be on the host)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":

@@ -35,8 +35,9 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = Field(0.0, description="Only 0 is supported")
-    frequency_penalty: float = Field(0.0, description="Only 0 is supported")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(None, description="Token id (as a string in JSON) -> bias in [-100, 100]")
     # vLLM-style extensions
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -53,18 +54,20 @@ class _Sampling(_Request):
             raise ValueError("stop takes up to 16 non-empty strings")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _zero(cls, v):
-        if v != 0:
-            raise ValueError("only 0 is supported (use repetition_penalty)")
+    def _bias(cls, v):
+        bad = {t: b for t, b in (v or {}).items() if t < 0 or not -100.0 <= b <= 100.0}
+        if bad:
+            raise ValueError(f"takes token ids >= 0 and biases in [-100, 100], got {bad}")
         return v
 
     def sampling_kwargs(self, max_tokens: int | None, logprobs: int | None) -> dict:
         """SamplingParams fields for choice 0 (choice i > 0 of a seeded request uses seed + i)."""
         return dict(max_new_tokens=max_tokens, min_new_tokens=self.min_tokens or None,
                     temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None,
-                    repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
+                    repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias, seed=self.seed, stop=self.stop,
                     stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos or None, logprobs=logprobs,
                     skip_special_tokens=self.skip_special_tokens)
 
@@ -80,7 +83,6 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: Literal[False] = False
     best_of: int | None = Field(None, description="Only null or equal to n")
-    logit_bias: None = None
     suffix: None = None
 
     @field_validator("prompt")

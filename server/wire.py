@@ -12,6 +12,7 @@ from protos import mii_pb2 as pb
 
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
 _REPEATED = {"stop", "stop_token_ids"}
+_BIAS = "logit_bias"  # {token id: bias}, a list of TokenBias on the wire
 FINISH_REASONS = {pb.STOP: "stop", pb.LENGTH: "length", pb.ABORT: "abort"}
 _FINISH_CODES = {v: k for k, v in FINISH_REASONS.items()}
 
@@ -37,9 +38,11 @@ def sampling_to_proto(**kwargs: Any) -> pb.SamplingParams:
         try:
             if name in _REPEATED:
                 getattr(msg, name).extend([value] if isinstance(value, str) else value)
+            elif name == _BIAS:
+                msg.logit_bias.extend(pb.TokenBias(token_id=t, bias=b) for t, b in value.items())
             else:
                 setattr(msg, name, value)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, AttributeError) as e:  # AttributeError: a logit_bias that is no dict
             raise ValueError(f"{name}: invalid value {value!r} ({e})") from None
     return msg
 
@@ -52,6 +55,9 @@ def sampling_from_proto(msg: pb.SamplingParams) -> dict[str, Any]:
             values = list(getattr(msg, name))
             if values:
                 kwargs[name] = values
+        elif name == _BIAS:
+            if msg.logit_bias:
+                kwargs[name] = {e.token_id: e.bias for e in msg.logit_bias}
         elif msg.HasField(name):
             kwargs[name] = getattr(msg, name)
     return kwargs

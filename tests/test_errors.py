@@ -35,7 +35,9 @@ def test_prompt_over_max_model_len(tiny_model_dir):
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_k=-1), "top_k"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(min_new_tokens=5, max_new_tokens=2), "min_new_tokens"),
     (dict(stop=[""]), "stop"), (dict(logprobs=50), "logprobs"), (dict(seed=-3), "seed"),
-    (dict(bogus=1), "bogus"),
+    (dict(bogus=1), "bogus"), (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={5: 101.0}), "logit_bias"),
 ])
 def test_invalid_sampling_values(kwargs, field):
     with pytest.raises(ValueError, match=field):

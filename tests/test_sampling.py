@@ -134,3 +134,54 @@ def test_logprobs_match_transformers(setup):
         assert lp.token_id == out.token_ids[i]
         assert abs(lp.logprob - row[lp.token_id].item()) < 1e-4
         assert [t for t, _ in lp.top] == row.topk(3).indices.tolist()
+
+
+class OpenAIPenalties(transformers.LogitsProcessor):
+    """OpenAI's documented formula, as a transformers logits processor: each token's logit
+    minus frequency * (times generated) minus presence * (generated at all); the prompt's
+    tokens do not count."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        for row, ids in enumerate(input_ids):
+            counts = torch.bincount(ids[self.prompt_len:], minlength=scores.shape[-1]).to(scores.dtype)
+            scores[row] -= self.frequency * counts + self.presence * (counts > 0).to(scores.dtype)
+        return scores
+
+
+@pytest.mark.parametrize("presence, frequency", [(1.5, 0.0), (0.0, 0.7), (0.4, 0.9), (-0.5, 0.0)])
+def test_presence_and_frequency_penalties_match_openai_formula(setup, presence, frequency):
+    eng, hf = setup
+    prompt = "Hello, my name is"
+    ids = torch.tensor([eng.tokenizer.encode(prompt)])
+    proc = transformers.LogitsProcessorList([OpenAIPenalties(ids.shape[1], presence, frequency)])
+    want = hf.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, logits_processor=proc)
+    got = gen(eng, prompt, max_new_tokens=24, min_new_tokens=24, temperature=0,
+              presence_penalty=presence, frequency_penalty=frequency)
+    assert got.token_ids == want[0, ids.shape[1]:].tolist()
+    plain = gen(eng, prompt, max_new_tokens=24, min_new_tokens=24, temperature=0).token_ids
+    assert got.token_ids != plain  # the penalties changed the greedy path of this random model
+
+
+def test_logit_bias_matches_transformers_sequence_bias(setup):
+    eng, hf = setup
+    prompt = "The quick brown"
+    plain = gen(eng, prompt, max_new_tokens=12, temperature=0, ignore_eos=True).token_ids
+    # ban the plain path's first two tokens and lift one the model did not pick
+    bias = {plain[0]: -100.0, plain[1]: -100.0, 7: 5.0}
+    got = gen(eng, prompt, max_new_tokens=12, temperature=0, ignore_eos=True, logit_bias=bias).token_ids
+    assert plain[0] not in got and plain[1] not in got
+    ids = torch.tensor([eng.tokenizer.encode(prompt)])
+    want = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                       sequence_bias=[[[t], b] for t, b in bias.items()])
+    assert got == want[0, ids.shape[1]:].tolist()
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(setup):
+    eng, _ = setup
+    vocab, before = eng.spec.vocab, dict(eng.seqs)
+    with pytest.raises(ValueError, match=f"{vocab}"):
+        eng.add_request("hi", SamplingParams(logit_bias={vocab: 1.0}))
+    assert eng.seqs == before and not eng.has_unfinished()  # nothing half-registered

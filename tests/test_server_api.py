@@ -46,9 +46,12 @@ def reference(dep):
     chat_ids = pipe.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}],
                                                   add_generation_prompt=True, tokenize=True)["input_ids"]
     outs = pipe(PROMPTS + [list(chat_ids)], max_new_tokens=MAX, temperature=0)
+    # OpenAI's penalties and a bias that bans the greedy first token
+    penalties = dict(presence_penalty=0.5, frequency_penalty=0.8, logit_bias={outs[0].token_ids[0]: -100.0})
+    penalized = pipe(PROMPTS[:1], max_new_tokens=MAX, temperature=0, **penalties)[0]
     pipe.destroy()
     return SimpleNamespace(texts=[o.generated_text for o in outs[:2]], ids=[o.token_ids for o in outs[:2]],
-                           chat=outs[2].generated_text)
+                           chat=outs[2].generated_text, penalties=penalties, penalized=penalized)
 
 
 def _sse(response: httpx.Response) -> list:
@@ -97,6 +100,24 @@ def test_greedy_identical_on_every_path(dep, reference):
     assert handle.query({"query": PROMPTS}, max_new_tokens=MAX, do_sample=False).response == reference.texts
     assert "".join(handle.stream(PROMPTS[0], max_new_tokens=MAX, do_sample=False)) == reference.texts[0]
     assert [r.token_ids for r in handle.generate(PROMPTS, max_new_tokens=MAX, temperature=0)] == reference.ids
+
+
+def test_penalties_and_logit_bias_on_every_path(dep, reference):
+    """presence/frequency penalties and logit_bias reach the engine from each API unchanged."""
+    want, pen = reference.penalized, reference.penalties
+    assert want.token_ids != reference.ids[0]
+    oa = {"model": NAME, "max_tokens": MAX, "temperature": 0, "presence_penalty": pen["presence_penalty"],
+          "frequency_penalty": pen["frequency_penalty"],
+          "logit_bias": {str(t): b for t, b in pen["logit_bias"].items()}}  # JSON keys are strings
+    body = dep.http.post("/v1/completions", json={**oa, "prompt": PROMPTS[0]}).json()
+    assert body["choices"][0]["text"] == want.generated_text
+    legacy = {"max_new_tokens": MAX, "temperature": 0, **oa, "max_tokens": None, "model": None}
+    legacy = {k: v for k, v in legacy.items() if v is not None}
+    body = dep.http.post(f"/mii/{NAME}", json={"request": {"query": [PROMPTS[0]]}, "kwargs": legacy}).json()
+    assert body["details"][0]["token_ids"] == want.token_ids
+    reply = worker_stub(dep.workers[0]).Generate(pb.GenerateRequest(
+        prompts=[prompt_to_proto(PROMPTS[0])], params=sampling_to_proto(max_new_tokens=MAX, temperature=0, **pen)))
+    assert list(reply.completions[0].token_ids) == want.token_ids
 
 
 def test_official_openai_client(dep, reference):
@@ -188,7 +209,11 @@ BAD = [  # (route, body, status, words the message must contain)
     ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 99}, 400, ["logprobs"]),
     ("/v1/completions", {"model": NAME, "prompt": "Seattle is a city. " * 60}, 400, ["prompt", "max_model_len"]),
     ("/v1/completions", {"model": NAME, "prompt": [1, 2, 100000]}, 400, ["prompt"]),
-    ("/v1/completions", {"model": NAME, "prompt": "x", "stream": True, "presence_penalty": 1}, 400, ["presence_penalty"]),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "stream": True, "presence_penalty": 3}, 400, ["presence_penalty"]),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "frequency_penalty": -2.5}, 400, ["frequency_penalty"]),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "logit_bias": {"5": 200}}, 400, ["logit_bias"]),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "logit_bias": {"dog": 1}}, 400, ["logit_bias"]),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "logit_bias": {"100000": 1}}, 400, ["logit_bias", "vocabulary"]),
     ("/v1/completions", {"prompt": "x"}, 400, ["model", "required"]),
     ("/v1/completions", {"model": "other", "prompt": "x"}, 404, ["model"]),
     ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, ["messages"]),
@@ -197,6 +222,7 @@ BAD = [  # (route, body, status, words the message must contain)
      ["tools"]),
     (f"/mii/{NAME}", {"request": {"query": ["x"]}, "kwargs": {"max_length": 5}}, 400, ["max_length"]),
     (f"/mii/{NAME}", {"request": {"query": ["x"]}, "kwargs": {"top_k": -1}}, 400, ["top_k"]),
+    (f"/mii/{NAME}", {"request": {"query": ["x"]}, "kwargs": {"logit_bias": {"7": -101}}}, 400, ["logit_bias"]),
     (f"/mii/{NAME}", {"request": {"query": [""]}}, 400, ["prompt"]),
     (f"/mii/{NAME}", {"request": {"query": ["x"]}, "kwargs": {"min_new_tokens": 50, "max_new_tokens": 5}}, 400,
      ["min_new_tokens"]),

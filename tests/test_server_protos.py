@@ -45,6 +45,12 @@ def test_sampling_round_trip():
     assert kwargs == {"max_new_tokens": 7, "temperature": 0.0, "top_p": 0.5, "stop": ["\n"],
                       "stop_token_ids": [2], "seed": 3}
     assert SamplingParams(**kwargs).greedy
+    msg = sampling_to_proto(presence_penalty=0.5, frequency_penalty=-1.0, logit_bias={7: -100.0, 3: 2.5})
+    assert sampling_from_proto(msg) == {"presence_penalty": 0.5, "frequency_penalty": -1.0,
+                                        "logit_bias": {7: -100.0, 3: 2.5}}
+    assert sampling_from_proto(sampling_to_proto(presence_penalty=0.0)) == {"presence_penalty": 0.0}
+    with pytest.raises(ValueError, match="logit_bias"):
+        sampling_to_proto(logit_bias=[(7, 1.0)])
     assert sampling_from_proto(pb.SamplingParams()) == {}  # unset = the engine's defaults
     with pytest.raises(ValueError, match="unknown sampling"):
         sampling_to_proto(max_length=3)

@@ -89,6 +89,9 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len={self.max_model_len} "
                              f"leaves no room to generate")
+        bad = [t for t in params.logit_bias if t >= self.spec.vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id(s) {bad} outside the vocabulary of {self.spec.vocab}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -97,7 +100,7 @@ class LLMEngine:
             seq.generator = self.runner.sampler.new_generator(params.seed)
         self.seqs[rid] = seq
         self.detok[rid] = Detokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
-        if params.repetition_penalty != 1.0:  # the penalty needs every earlier token on the host
+        if params.penalizes_history:  # the penalties need every earlier token on the host
             self._sync_only.add(rid)
         self.scheduler.add(seq)
         return rid
