@@ -95,14 +95,16 @@ def serving_workload(n: int = 1000, seed: int = 0) -> list[tuple[int, int]]:
     return [(rng.randint(32, 1024), rng.randint(16, 512)) for _ in range(n)]
 
 
-def serve(eng: LLMEngine, workload: list[tuple[int, int]]) -> dict:
+def serve(eng: LLMEngine, workload: list[tuple[int, int]], prompts: list[list[int]] | None = None) -> dict:
+    """Submit every request at once and run to the end. ``prompts``: the token ids of each
+    request (else random ones of the workload's lengths)."""
     rng = random.Random(1)
     t0 = time.perf_counter()
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     gaps: list[float] = []
-    for plen, olen in workload:
-        eng.add_request(_prompt(rng, plen, eng.spec.vocab),
+    for i, (plen, olen) in enumerate(workload):
+        eng.add_request(prompts[i] if prompts is not None else _prompt(rng, plen, eng.spec.vocab),
                         SamplingParams(max_new_tokens=olen, temperature=0, ignore_eos=True))
     produced = 0
     wait = _WaitClock(eng)

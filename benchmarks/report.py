@@ -19,10 +19,26 @@ def _where(s: dict) -> str:
     return "Where the time went (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s.get("phase_seconds", {}).items()) + "."
 
 
+def _prefix_section(f: dict) -> list[str]:
+    """``benchmarks.prefix``: the prefix cache on and off."""
+    on, off = f["on"], f["off"]
+    rows = [("TTFT, 2,048-token prompt, first %d tokens computed before (ms, median of 5)" % f["shared_tokens"],
+             f"{off['ttft_shared_ms']:.1f}", f"{on['ttft_shared_ms']:.1f}")]
+    for k, label in (("output_tok_s", "200 requests, shared 1,024-token system prompt: output tok/s"),):
+        rows.append((label, f"{off['serving'][k]:.0f}", f"{on['serving'][k]:.0f}"))
+    rows.append(("... mean / p99 TTFT (ms)", f"{off['serving']['ttft_ms']['mean']:.0f} / {off['serving']['ttft_ms']['p99']:.0f}",
+                 f"{on['serving']['ttft_ms']['mean']:.0f} / {on['serving']['ttft_ms']['p99']:.0f}"))
+    rows.append(("prompt tokens taken from the cache", "0",
+                 f"{on['hit_tokens']:,} of {on['query_tokens']:,} ({100 * on['hit_tokens'] / max(1, on['query_tokens']):.0f}%)"))
+    return [f"## Prefix caching, {f['model']}", "", f"{f['device']}, {f['date']}, torch {f['torch']}; "
+            "`python -m benchmarks.prefix` (random-init fp16 weights, greedy).", "",
+            _row(["measurement", "cache off", "cache on"]), _row(["---"] * 3)] + [_row(list(r)) for r in rows] + [""]
+
+
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
             if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-", "pdl-", "decode-attn",
-                                      "host-"))]
+                                      "host-", "prefix-"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -162,6 +178,8 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
             for k in dict.fromkeys(k for p in ps[1:] + ps[:1] for k in p["kernels"]):
                 lines.append(_row([k] + [f"{p['kernels'][k]['us']:.0f}" if k in p["kernels"] else "" for p in ps]))
             lines.append("")
+    for p in sorted(Path(results).glob("prefix-*.json")):
+        lines += _prefix_section(json.loads(p.read_text()))
     for p in sorted(Path(results).glob("profile-prefill-*.json")):
         f = json.loads(p.read_text())
         modes = list(f["modes"])

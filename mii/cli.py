@@ -27,6 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
                                      num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
                                      quantize=args.quantize).items()
               if v is not None}
+    if args.no_prefix_caching:
+        engine["enable_prefix_caching"] = False
     name = args.name or (Path(args.model).name if args.model else "default")
     # SIGTERM (docker stop, kill) shuts down as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -107,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=None)
     s.add_argument("--quantize", default=None, choices=["w8a16", "w8a8", "w4a16"],
                    help="quantize on the fly at load, round-to-nearest (`mii quantize` writes calibrated checkpoints)")
+    s.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full")
     s.add_argument("--max-queued-requests", type=int, default=1024)
     s.add_argument("--request-timeout", type=float, default=600.0)
     s.add_argument("--startup-timeout", type=float, default=600.0)

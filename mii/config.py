@@ -51,6 +51,8 @@ class EngineConfig:
         than NCCL; False keeps NCCL for everything.
     async_scheduling: schedule and launch step N+1 before step N's tokens reach the host,
         so host work (scheduling, input packing, detokenizing) overlaps the GPU's.
+    enable_prefix_caching: reuse the K/V of a prompt's longest already-computed prefix
+        (whole blocks; ``mii/engine/block_manager.py``), as vLLM does by default.
     seed: seed for unseeded sampling.
     """
 
@@ -70,6 +72,7 @@ class EngineConfig:
     enable_cuda_graph: bool = True
     custom_all_reduce: bool = True
     async_scheduling: bool = True
+    enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     seed: int = 0
     show_progress: bool = True

@@ -40,6 +40,10 @@ class Metrics:
         self.preemptions = Gauge("mii_num_preemptions", "Preemptions since start", ["replica"], registry=r)
         self.aborted = Gauge("mii_num_aborted", "Requests aborted by their caller since start",
                              ["replica"], registry=r)
+        self.prefix_hits = Gauge("mii_prefix_cache_hit_tokens", "Prompt tokens whose K/V came from the "
+                                 "prefix cache, since start", ["replica"], registry=r)
+        self.prefix_queries = Gauge("mii_prefix_cache_query_tokens", "Prompt tokens admitted (the hit "
+                                    "rate's denominator), since start", ["replica"], registry=r)
 
     def observe_replica(self, replica_id: int, up: bool, outstanding: int,
                         info: pb.ModelInfoResponse | None) -> None:
@@ -55,6 +59,8 @@ class Metrics:
         self.kv_total.labels(label).set(info.kv_blocks_total)
         self.preemptions.labels(label).set(info.num_preemptions)
         self.aborted.labels(label).set(info.num_aborted)
+        self.prefix_hits.labels(label).set(info.prefix_cache_hit_tokens)
+        self.prefix_queries.labels(label).set(info.prefix_cache_query_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -94,7 +94,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             kv_blocks_free=stats["kv_blocks_free"], kv_cache_usage=stats["kv_cache_usage"],
             num_running=stats["num_running"], num_waiting=stats["num_waiting"],
             num_preemptions=stats["num_preemptions"], num_aborted=self.num_aborted,
-            requests_in_flight=len(self.in_flight))
+            requests_in_flight=len(self.in_flight), prefix_cache_hit_tokens=stats["prefix_cache_hit_tokens"],
+            prefix_cache_query_tokens=stats["prefix_cache_query_tokens"])
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         ids = [r for r in self.in_flight if r == request.request_id or r.startswith(request.request_id + "-")]

@@ -247,6 +247,18 @@ def test_malformed_json_and_server_keeps_serving(dep):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
 
 
+def test_repeated_prompt_hits_the_prefix_cache(dep):
+    prompt = "Seattle is a city on the west coast of the United States, known for its coffee. " * 2
+    before = sum(model_info(a).prefix_cache_hit_tokens for a in dep.workers)
+    texts = set()
+    for _ in range(3):  # two replicas: at least two of three land on the same one
+        r = dep.http.post("/v1/completions", json={"model": NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200
+        texts.add(r.json()["choices"][0]["text"])
+    assert sum(model_info(a).prefix_cache_hit_tokens for a in dep.workers) - before >= 16
+    assert len(texts) == 1  # cached or not, the same greedy answer
+
+
 def test_health_metrics_openapi(dep):
     assert dep.http.get("/health").json() == {"status": "ok", "replicas_up": 2, "replicas": 2}
     dep.http.post("/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 3})  # some samples
@@ -254,7 +266,8 @@ def test_health_metrics_openapi(dep):
     metrics = dep.http.get("/metrics").text
     for name in ("mii_requests_total", "mii_prompt_tokens_total", "mii_generation_tokens_total",
                  "mii_time_to_first_token_seconds_bucket", "mii_inter_token_latency_seconds_bucket",
-                 "mii_queue_depth", "mii_kv_cache_usage_ratio", "mii_replica_up", "mii_replica_outstanding_requests"):
+                 "mii_queue_depth", "mii_kv_cache_usage_ratio", "mii_replica_up", "mii_replica_outstanding_requests",
+                 "mii_prefix_cache_hit_tokens", "mii_prefix_cache_query_tokens"):
         assert name in metrics, name
     assert 'mii_replica_up{replica="1"} 1.0' in metrics
     assert 'mii_requests_total{route="/v1/completions",status="400"}' in metrics

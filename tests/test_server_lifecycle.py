@@ -140,7 +140,7 @@ def test_interpreter_exit_tears_down(tiny_model_dir, tmp_path):
 def test_cli_serve_until_sigterm(tiny_model_dir, tmp_path):
     reg = tmp_path / "r.json"
     proc = subprocess.Popen([sys.executable, "-m", "mii.cli", "serve", str(tiny_model_dir("LlamaForCausalLM")),
-                             "--name", "cli-test", "--port", "0", "--replicas", "1", "--num-kv-blocks", "64",
+                             "--name", "cli-test", "--port", "0", "--replicas", "1", "--num-kv-blocks", "64", "--no-prefix-caching",
                              "--registry", str(reg)], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -8,6 +8,9 @@ from tests.tiny_models import ARCHITECTURES
 
 PROMPTS = ["Hello, my name is", "DeepSpeed is a deep learning", "The lazy dog", "Seattle"]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+# The second takes the first's prefix blocks from the cache: the peer rank reads them too.
+SHARED = ["DeepSpeed is a deep learning optimization library that makes distributed training easy. " + q
+          for q in ("Why?", "How?")]
 
 
 def make(path, tp):
@@ -18,12 +21,16 @@ def make(path, tp):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_tp2_greedy_equals_tp1(arch, tiny_model_dir):
     path = tiny_model_dir(arch)
-    one = [o.token_ids for o in make(path, 1).generate(PROMPTS, GREEDY)]
+    ref = make(path, 1)
+    one = [o.token_ids for o in ref.generate(PROMPTS, GREEDY)] + [ref.generate([p], GREEDY)[0].token_ids
+                                                                  for p in SHARED]
     eng = make(path, 2)
     try:
         # the KV cache holds this rank's heads only (a single KV head is replicated)
         assert eng.runner.kv_cache.shape[-2] == max(1, eng.spec.num_kv_heads // 2)
-        two = [o.token_ids for o in eng.generate(PROMPTS, GREEDY)]
+        two = [o.token_ids for o in eng.generate(PROMPTS, GREEDY)] + [eng.generate([p], GREEDY)[0].token_ids
+                                                                      for p in SHARED]
+        assert eng.stats["prefix_cache_hit_tokens"] >= 16
     finally:
         eng.shutdown()
     assert two == one

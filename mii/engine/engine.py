@@ -64,7 +64,7 @@ class LLMEngine:
                                  f"({capacity} tokens); raise the KV budget or lower max_model_len")
             model_len = config.max_model_len
         self.max_model_len = min(model_len, capacity)
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.detok: dict[str, Detokenizer] = {}
@@ -146,10 +146,13 @@ class LLMEngine:
         """Move each sequence past this step's tokens; the sampling ones get a token in
         flight. Returns those, in the order of the step's samples."""
         sampling = []
+        bs, caching = self.blocks.block_size, self.blocks.prefix_caching
         for item in batch:
             seq = item.seq
             samples = item.samples
             seq.num_computed += item.num_tokens
+            if caching and seq.num_computed >= (seq.num_hashed + 1) * bs:  # a block filled up: cache it
+                self.blocks.register(seq)
             if samples:
                 seq.num_pending += 1
                 sampling.append(seq)
@@ -231,7 +234,8 @@ class LLMEngine:
     def stats(self) -> dict:
         return {"kv_blocks_total": self.blocks.num_blocks, "kv_blocks_free": self.blocks.num_free,
                 "kv_cache_usage": self.blocks.usage, "num_running": len(self.scheduler.running),
-                "num_waiting": len(self.scheduler.waiting), "num_preemptions": self.scheduler.num_preemptions}
+                "num_waiting": len(self.scheduler.waiting), "num_preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_hit_tokens": self.blocks.hit_tokens, "prefix_cache_query_tokens": self.blocks.query_tokens}
 
 
 def _eos_ids(config, tokenizer, path: str) -> set[int]:

@@ -43,7 +43,9 @@ class Scheduler:
         newest running sequence is preempted (its blocks freed, to be recomputed later);
         if that is the sequence itself, it waits. Waiting sequences are admitted with what
         budget remains, and only in a step that preempted nothing, so a freed sequence is
-        not immediately readmitted at the expense of older ones.
+        not immediately readmitted at the expense of older ones. An admitted sequence first
+        takes the blocks of its longest cached prefix (``BlockManager.match_prefix``) and is
+        fed only the tokens after them.
 
         An admission leaves free the blocks that the running sequences need for their next
         ``block_size`` tokens (:meth:`_headroom`). Filling the cache to the last block
@@ -79,13 +81,15 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:  # preempted with a token in flight: its ids are not all known yet
                 break
+            cached = seq.num_computed = self.blocks.match_prefix(seq)  # a waiting sequence holds no blocks
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self.blocks.blocks_needed(seq, seq.num_computed + n)
-            if need > self.blocks.num_free:
-                break
-            if reserve is None:
+            if need <= self.blocks.num_free and reserve is None:
                 reserve = sum(self._headroom(s) for s in self.running)
-            if need > self.blocks.num_free - reserve:
+            if need > self.blocks.num_free - (reserve or 0):
+                if cached:  # not admitted after all: give the cached blocks back
+                    self.blocks.unmatch(seq, cached)
+                    seq.num_computed = 0
                 break
             self.waiting.popleft()
             self.blocks.grow(seq, seq.num_computed + n)

@@ -47,6 +47,8 @@ class Sequence:
     first_token_time: float | None = None
     num_pending: int = 0
     capped: bool = False  # its last token is in flight: the length limit is reached
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)  # prefix hashes of its full blocks (BlockManager)
+    num_hashed: int = 0  # leading blocks of block_table registered in (or taken from) the prefix cache
 
     @property
     def num_tokens(self) -> int:
