@@ -44,13 +44,13 @@ def test_released_blocks_stay_cached_until_evicted_oldest_first():
     assert blocks.num_free == 3  # cached blocks count as free: they are evicted on demand
     again = Sequence("a2", list(range(9)), 9, P)
     assert blocks.match_prefix(again) == 8
-    blocks.unmatch(again, 8)
+    blocks.unmatch(again)
     assert blocks.num_free == 3 and blocks.hit_tokens == 0
     # 2 new blocks evict the unregistered one first, then the prefix's *last* block
     blocks.grow(Sequence("o", [50] * 8, 8, P), 8)
     shorter = Sequence("a3", list(range(9)), 9, P)
     assert blocks.match_prefix(shorter) == 4
-    blocks.unmatch(shorter, 4)
+    blocks.unmatch(shorter)
     blocks.grow(Sequence("o2", [60] * 4, 4, P), 4)
     assert blocks.match_prefix(Sequence("a4", list(range(9)), 9, P)) == 0 and not blocks.cached
 

@@ -77,10 +77,10 @@ class BlockManager:
         self.hit_tokens += matched
         return matched
 
-    def unmatch(self, seq: Sequence, matched: int) -> None:
+    def unmatch(self, seq: Sequence) -> None:
         """Undo :meth:`match_prefix` for a sequence that was not admitted after all."""
         self.query_tokens -= len(seq.token_ids)
-        self.hit_tokens -= matched
+        self.hit_tokens -= len(seq.block_table) * self.block_size
         self.release(seq)
 
     def register(self, seq: Sequence) -> None:

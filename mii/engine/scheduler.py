@@ -88,7 +88,7 @@ class Scheduler:
                 reserve = sum(self._headroom(s) for s in self.running)
             if need > self.blocks.num_free - (reserve or 0):
                 if cached:  # not admitted after all: give the cached blocks back
-                    self.blocks.unmatch(seq, cached)
+                    self.blocks.unmatch(seq)
                     seq.num_computed = 0
                 break
             self.waiting.popleft()
