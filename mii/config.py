@@ -122,6 +122,8 @@ class SamplingParams:
     presence_penalty once it has been generated and by frequency_penalty per time it has
     been generated (the prompt does not count; repetition_penalty's does). logit_bias maps
     token ids to values added to their logits (-100 bans a token, 100 all but forces it).
+    prompt_logprobs=N scores the prompt as vLLM's does: each prompt token after the first gets
+    its log-probability given the tokens before it, plus the N most likely alternatives.
     """
 
     max_new_tokens: int = 128
@@ -139,6 +141,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -173,8 +176,10 @@ class SamplingParams:
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 20):
+                raise ValueError(f"{name} must be an integer in [0, 20], got {v!r}")
 
     @property
     def greedy(self) -> bool:

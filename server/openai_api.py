@@ -65,10 +65,11 @@ class _Usage:
         self.completion += generated_tokens
 
     @classmethod
-    def of(cls, outs: list[Generation], n: int) -> Usage:
+    def of(cls, outs: list[Generation], n: int, generated: bool = True) -> Usage:
+        """``generated`` False: the tokens run only to score an echoed prompt do not count."""
         usage = cls(n)
         for k, o in enumerate(outs):
-            usage.add(k, o.prompt_tokens, o.generated_tokens)
+            usage.add(k, o.prompt_tokens, o.generated_tokens if generated else 0)
         return usage.usage()
 
     def usage(self) -> Usage:
@@ -76,14 +77,40 @@ class _Usage:
                      total_tokens=self.prompt + self.completion)
 
 
-def _completion_logprobs(lps: list[pb.TokenLogprob], offset: int) -> CompletionLogprobs:
-    offsets = []
-    for lp in lps:
-        offsets.append(offset)
-        offset += len(lp.token)
-    return CompletionLogprobs(tokens=[lp.token for lp in lps], token_logprobs=[lp.logprob for lp in lps],
-                              top_logprobs=[{t.token: t.logprob for t in lp.top} for lp in lps],
+def _completion_logprobs(lps: list[pb.TokenLogprob], offset: int, prompt_lps: list[pb.TokenLogprob] = (),
+                         prompt_text: str = "") -> CompletionLogprobs:
+    """The generated tokens' logprobs, their text offsets counted from ``offset``; with echo
+    the prompt's come first (offsets from 0) and the generated ones' follow ``prompt_text``.
+    The prompt's first token has no logprob: null, as OpenAI's."""
+    entries, offsets = [], []
+    for group, at in ((prompt_lps, 0), (lps, offset + len(prompt_text))):
+        for lp in group:
+            entries.append(lp)
+            offsets.append(at)
+            at += len(lp.token)
+    scored = [lp.HasField("logprob") for lp in entries]
+    return CompletionLogprobs(tokens=[lp.token for lp in entries],
+                              token_logprobs=[lp.logprob if s else None for lp, s in zip(entries, scored)],
+                              top_logprobs=[{t.token: t.logprob for t in lp.top} if s else None
+                                            for lp, s in zip(entries, scored)],
                               text_offset=offsets)
+
+
+def _completion_parts(body: CompletionRequest, d: Generation | pb.GenerateStreamResponse, offset: int
+                      ) -> tuple[str, CompletionLogprobs | None]:
+    """A choice's text and logprobs from a finished generation or a stream delta: the
+    echoed prompt first, and nothing generated when max_tokens is 0 (the one token run to
+    score the prompt is dropped)."""
+    prompt_text, prompt_lps = (d.prompt_text, d.prompt_logprobs) if body.echo else ("", [])
+    text, lps = (d.text, d.logprobs) if body.max_tokens else ("", [])
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = _completion_logprobs(lps, offset, prompt_lps, prompt_text)
+    return prompt_text + text, logprobs
+
+
+def _completion_finish(body: CompletionRequest, reason: int) -> str | None:
+    return "length" if not body.max_tokens and reason else finish_reason_name(reason)
 
 
 def _chat_logprobs(lps: list[pb.TokenLogprob]) -> ChoiceLogprobs:
@@ -106,8 +133,10 @@ def router(gw: Gateway) -> APIRouter:
         gw.check_model(body.model)
         if body.best_of not in (None, body.n):
             raise GatewayError(400, "best_of: only null or equal to n is supported", param="best_of")
-        jobs = _jobs([prompt_to_proto(p) for p in body.prompts()],
-                     body.sampling_kwargs(body.max_tokens, body.logprobs), body.n)
+        kwargs = body.sampling_kwargs(max(body.max_tokens, 1), body.logprobs)
+        if body.echo and body.logprobs is not None:
+            kwargs["prompt_logprobs"] = body.logprobs  # lm-eval's loglikelihood: score the prompt
+        jobs = _jobs([prompt_to_proto(p) for p in body.prompts()], kwargs, body.n)
         reply = _Reply(f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model, body.n)
         return await gw.respond(request, body.stream, lambda t: _completion_chunks(gw, jobs, t, body, reply),
                                 lambda t: _completion(gw, jobs, t, body, reply))
@@ -129,24 +158,24 @@ def router(gw: Gateway) -> APIRouter:
 
 async def _completion(gw: Gateway, jobs: Jobs, arrival: float, body: CompletionRequest,
                       reply: _Reply) -> CompletionResponse:
-    outs = await gw.pool.generate(jobs, arrival)
-    choices = [CompletionChoice(index=k, text=o.text, finish_reason=finish_reason_name(o.finish_reason),
-                                logprobs=_completion_logprobs(o.logprobs, 0) if body.logprobs is not None else None)
-               for k, o in enumerate(outs)]
+    outs = await gw.pool.generate(jobs, arrival, body.echo)
+    choices = [CompletionChoice(index=k, text=text, logprobs=logprobs,
+                                finish_reason=_completion_finish(body, o.finish_reason))
+               for k, o in enumerate(outs) for text, logprobs in [_completion_parts(body, o, 0)]]
     return CompletionResponse(id=reply.id, created=reply.created, model=reply.model, choices=choices,
-                              usage=_Usage.of(outs, reply.n))
+                              usage=_Usage.of(outs, reply.n, generated=bool(body.max_tokens)))
 
 
 async def _completion_chunks(gw: Gateway, jobs: Jobs, arrival: float, body: CompletionRequest,
                              reply: _Reply) -> AsyncIterator[CompletionResponse]:
     usage, offsets = _Usage(reply.n), [0] * len(jobs)
-    async for k, d in gw.pool.streams(jobs, arrival):
-        logprobs = _completion_logprobs(d.logprobs, offsets[k]) if body.logprobs is not None else None
-        offsets[k] += len(d.text)
+    async for k, d in gw.pool.streams(jobs, arrival, body.echo):
+        text, logprobs = _completion_parts(body, d, offsets[k])
+        offsets[k] += len(text)
         if d.finished:
-            usage.add(k, d.prompt_tokens, d.generated_tokens)
-        choice = CompletionChoice(index=k, text=d.text, logprobs=logprobs,
-                                  finish_reason=finish_reason_name(d.finish_reason) if d.finished else None)
+            usage.add(k, d.prompt_tokens, d.generated_tokens if body.max_tokens else 0)
+        choice = CompletionChoice(index=k, text=text, logprobs=logprobs,
+                                  finish_reason=_completion_finish(body, d.finish_reason) if d.finished else None)
         yield CompletionResponse(id=reply.id, created=reply.created, model=reply.model, choices=[choice])
     if body.include_usage:
         yield CompletionResponse(id=reply.id, created=reply.created, model=reply.model, choices=[],

@@ -79,9 +79,10 @@ class _Sampling(_Request):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="A string, a list of strings, a list of token ids, or a list of such lists")
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: Literal[False] = False
+    echo: bool = Field(False, description="Answer with the prompt before the completion; with logprobs, "
+                                          "the prompt tokens' too (the first is null: nothing predicts it)")
     best_of: int | None = Field(None, description="Only null or equal to n")
     suffix: None = None
 
@@ -91,6 +92,12 @@ class CompletionRequest(_Sampling):
         if isinstance(v, list) and not v:
             raise ValueError("must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo=true (to score the prompt)")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -128,8 +135,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

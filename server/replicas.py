@@ -49,6 +49,8 @@ class Generation:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[pb.TokenLogprob] = field(default_factory=list)  # when asked for
+    prompt_text: str = ""  # with echo
     finish_reason: int = pb.FINISH_REASON_UNSPECIFIED
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -119,12 +121,13 @@ class ReplicaPool:
             raise GatewayError(503, f"no healthy replica available ({errors})", headers={"Retry-After": "1"})
         return min(candidates, key=lambda r: r.outstanding)
 
-    async def stream(self, prompt: pb.Prompt, params: pb.SamplingParams,
-                     arrival: float | None = None) -> AsyncIterator[pb.GenerateStreamResponse]:
-        """Generate one prompt, yielding each step's delta. Closing the iterator early (the
-        HTTP client went away) cancels the gRPC call, and the worker aborts the request."""
+    async def stream(self, prompt: pb.Prompt, params: pb.SamplingParams, arrival: float | None = None,
+                     echo: bool = False) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """Generate one prompt, yielding each step's delta (the first also carries the
+        prompt's text with ``echo``). Closing the iterator early (the HTTP client went
+        away) cancels the gRPC call, and the worker aborts the request."""
         arrival = arrival if arrival is not None else time.monotonic()
-        request = pb.GenerateRequest(prompts=[prompt], params=params, request_id=uuid.uuid4().hex)
+        request = pb.GenerateRequest(prompts=[prompt], params=params, request_id=uuid.uuid4().hex, echo=echo)
         tried: set[int] = set()
         while True:
             replica = self.pick(tried)
@@ -158,17 +161,19 @@ class ReplicaPool:
                 replica.outstanding -= 1
                 call.cancel()  # a no-op once the call is done; otherwise tells the worker to abort
 
-    def streams(self, jobs: list[tuple[pb.Prompt, pb.SamplingParams]], arrival: float
+    def streams(self, jobs: list[tuple[pb.Prompt, pb.SamplingParams]], arrival: float, echo: bool = False
                 ) -> AsyncIterator[tuple[int, pb.GenerateStreamResponse]]:
         """All jobs at once, their deltas interleaved and tagged with the job's index."""
-        return merge([self.stream(prompt, params, arrival) for prompt, params in jobs])
+        return merge([self.stream(prompt, params, arrival, echo) for prompt, params in jobs])
 
-    async def generate(self, jobs: list[tuple[pb.Prompt, pb.SamplingParams]], arrival: float
+    async def generate(self, jobs: list[tuple[pb.Prompt, pb.SamplingParams]], arrival: float, echo: bool = False
                        ) -> list[Generation]:
         """Run all jobs to completion, results in job order."""
         outs = [Generation() for _ in jobs]
-        async for i, delta in self.streams(jobs, arrival):
+        async for i, delta in self.streams(jobs, arrival, echo):
             out = outs[i]
+            out.prompt_logprobs += delta.prompt_logprobs
+            out.prompt_text += delta.prompt_text
             out.text += delta.text
             out.token_ids += delta.token_ids
             out.logprobs += delta.logprobs

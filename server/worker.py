@@ -59,7 +59,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             params = _params(request)
             for i, prompt in enumerate(request.prompts):
                 streams.append(self._submit(prompt, params, f"{rid}-{i}"))
-            completions = await asyncio.gather(*(self._collect(s) for s in streams))
+            completions = await asyncio.gather(*(self._collect(s, p, request.echo)
+                                                 for s, p in zip(streams, request.prompts)))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RuntimeError as e:
@@ -74,9 +75,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         try:
             if len(request.prompts) != 1:
                 raise ValueError(f"prompts: GenerateStream takes exactly one prompt, got {len(request.prompts)}")
-            stream = self._submit(request.prompts[0], _params(request), request.request_id or uuid.uuid4().hex)
+            prompt = request.prompts[0]
+            stream = self._submit(prompt, _params(request), request.request_id or uuid.uuid4().hex)
             async for out in stream:
-                yield self._delta(out)
+                yield self._delta(out, prompt, request.echo)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RuntimeError as e:
@@ -134,9 +136,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         raise ValueError("prompt: set one of text, token_ids or chat")
 
-    async def _collect(self, stream: RequestStream) -> pb.Completion:
+    async def _collect(self, stream: RequestStream, prompt: pb.Prompt, echo: bool) -> pb.Completion:
         done = pb.Completion()
         async for out in stream:
+            done.MergeFrom(pb.Completion(**self._prompt_fields(out, prompt, echo)))
             done.token_ids.extend(out.token_ids)
             done.logprobs.extend(self._logprobs(out.logprobs))
             if out.finished:
@@ -144,11 +147,27 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 done.prompt_tokens, done.generated_tokens = out.prompt_tokens, out.generated_tokens
         return done
 
-    def _delta(self, out: RequestOutput) -> pb.GenerateStreamResponse:
+    def _delta(self, out: RequestOutput, prompt: pb.Prompt, echo: bool) -> pb.GenerateStreamResponse:
         return pb.GenerateStreamResponse(
             text=out.text, token_ids=out.token_ids, logprobs=self._logprobs(out.logprobs), finished=out.finished,
             finish_reason=finish_reason_code(out.finish_reason), prompt_tokens=out.prompt_tokens,
-            generated_tokens=out.generated_tokens, replica_id=self.replica_id)
+            generated_tokens=out.generated_tokens, replica_id=self.replica_id,
+            **self._prompt_fields(out, prompt, echo))
+
+    def _prompt_fields(self, out: RequestOutput, prompt: pb.Prompt, echo: bool) -> dict:
+        """What a request's first output says of its prompt: the prompt's scores, when
+        asked for (the first token's without a logprob), and with echo its text."""
+        ids = out.prompt_token_ids
+        if ids is None:
+            return {}
+        fields = {}
+        if out.prompt_logprobs is not None:
+            first = pb.TokenLogprob(token_id=ids[0], token=self._text(ids[0]))
+            fields["prompt_logprobs"] = [first, *self._logprobs(out.prompt_logprobs[1:])]
+        if echo:
+            fields["prompt_text"] = prompt.text if prompt.WhichOneof("kind") == "text" else \
+                self.engine.tokenizer.decode(ids)
+        return fields
 
     def _logprobs(self, lps: list[TokenLogprob]) -> list[pb.TokenLogprob]:
         return [pb.TokenLogprob(token_id=lp.token_id, token=self._text(lp.token_id), logprob=lp.logprob,

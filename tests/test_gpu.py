@@ -148,3 +148,26 @@ def test_cuda_prefix_cache_matches_uncached(tiny_model_dir):
         assert g[:4] == w[:4]  # fp16: a cached prefix is read, not recomputed; late near-ties may flip
         agree += sum(a == b for a, b in zip(g, w))
     assert agree >= 0.75 * 24 * len(prompts)
+
+
+def test_cuda_prompt_logprobs_track_transformers(tiny_model_dir):
+    """Prompt scoring on CUDA: prompts prefilled in chunks beside decoding requests (their
+    scoring rows join the mixed-step graphs' logits rows), against HF's log-softmax in fp32."""
+    path = tiny_model_dir("LlamaForCausalLM")
+    eng = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="fp16", show_progress=False,
+                                 max_num_batched_tokens=16))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    prompts = ["DeepSpeed is a deep learning library that makes distributed training easy and fast",
+               "Hello, my name is", "The quick brown fox jumps over the lazy dog."]
+    scored = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    background = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    outs = eng.generate(prompts + ["a", "b"], [scored] * 3 + [background] * 2)
+    for p, o in zip(prompts, outs):
+        ids = eng.tokenizer.encode(p)
+        with torch.no_grad():
+            lp = hf(torch.tensor([ids], device="cuda")).logits[0, :-1].float().log_softmax(-1).cpu()
+        assert len(o.prompt_logprobs) == len(ids) and o.prompt_logprobs[0] is None
+        for j, e in enumerate(o.prompt_logprobs[1:], start=1):
+            # fp16 weights and activations against fp32: logits agree to ~2e-2 of their scale
+            assert e.token_id == ids[j] and abs(e.logprob - lp[j - 1, ids[j]].item()) < 5e-2, (p, j)
+            assert abs(e.top[0][1] - lp[j - 1].max().item()) < 5e-2, (p, j)

@@ -120,6 +120,65 @@ def test_penalties_and_logit_bias_on_every_path(dep, reference):
     assert list(reply.completions[0].token_ids) == want.token_ids
 
 
+def test_echo_logprobs_score_the_prompt_as_transformers(dep):
+    """lm-eval's loglikelihood request (local-completions: echo, logprobs, max_tokens 0 or 1,
+    text or token-id prompts) gets the prompt tokens' log-probabilities as transformers
+    computes them, on every path: OpenAI JSON, OpenAI SSE, and gRPC."""
+    import torch
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dep.model, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(dep.model)
+    text = "DeepSpeed is a library for training large models"
+    ids = tok.encode(text)
+    with torch.no_grad():
+        lp = hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    oa = {"model": NAME, "echo": True, "logprobs": 1, "temperature": 0}
+
+    def check_prompt(lps: dict, n_generated: int) -> None:
+        assert len(lps["token_logprobs"]) == len(ids) + n_generated
+        assert lps["token_logprobs"][0] is None and lps["top_logprobs"][0] is None
+        for j in range(1, len(ids)):
+            assert abs(lps["token_logprobs"][j] - lp[j - 1, ids[j]].item()) < 1e-4, j
+            assert abs(max(lps["top_logprobs"][j].values()) - lp[j - 1].max().item()) < 1e-4, j
+        assert "".join(lps["tokens"][:len(ids)]) == tok.decode(ids)
+
+    for prompt, echoed in ((text, text), (ids, tok.decode(ids))):
+        body = dep.http.post("/v1/completions", json={**oa, "prompt": prompt, "max_tokens": 0}).json()
+        c = body["choices"][0]
+        assert c["text"] == echoed and c["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 0 and body["usage"]["prompt_tokens"] == len(ids)
+        check_prompt(c["logprobs"], 0)
+    # max_tokens 1: the prompt's scores, then the greedy token's
+    body = dep.http.post("/v1/completions", json={**oa, "prompt": text, "max_tokens": 1}).json()
+    c = body["choices"][0]
+    check_prompt(c["logprobs"], 1)
+    greedy = lp[-1].argmax().item()
+    assert c["text"] == text + tok.decode([greedy]) and c["logprobs"]["tokens"][-1] == tok.decode([greedy])
+    assert abs(c["logprobs"]["token_logprobs"][-1] - lp[-1, greedy].item()) < 1e-4
+    assert c["logprobs"]["text_offset"][len(ids)] == len(text)
+    # streamed: the first chunk carries the prompt, and the chunks add up to the same answer
+    with dep.http.stream("POST", "/v1/completions", json={**oa, "prompt": text, "max_tokens": 3,
+                                                          "stream": True}) as r:
+        chunks = [e["choices"][0] for e in _sse(r)]
+    assert chunks[0]["text"].startswith(text)
+    full = dep.http.post("/v1/completions", json={**oa, "prompt": text, "max_tokens": 3}).json()["choices"][0]
+    assert "".join(ch["text"] for ch in chunks) == full["text"]
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        assert sum((ch["logprobs"][key] for ch in chunks), []) == full["logprobs"][key]
+    # echo alone: the prompt's text, no scores asked for
+    plain = {"model": NAME, "prompt": text, "max_tokens": 2, "temperature": 0}
+    generated = dep.http.post("/v1/completions", json=plain).json()["choices"][0]["text"]
+    body = dep.http.post("/v1/completions", json={**plain, "echo": True}).json()
+    assert body["choices"][0]["text"] == text + generated and body["choices"][0]["logprobs"] is None
+    # gRPC: prompt_logprobs as a sampling field, the first token unscored
+    reply = worker_stub(dep.workers[0]).Generate(pb.GenerateRequest(
+        prompts=[prompt_to_proto(ids)], params=sampling_to_proto(max_new_tokens=1, prompt_logprobs=0), echo=True))
+    done = reply.completions[0]
+    assert [e.token_id for e in done.prompt_logprobs] == ids and done.prompt_text == tok.decode(ids)
+    assert not done.prompt_logprobs[0].HasField("logprob") and not done.prompt_logprobs[1].top
+    assert abs(done.prompt_logprobs[-1].logprob - lp[-2, ids[-1]].item()) < 1e-4
+
+
 def test_official_openai_client(dep, reference):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{dep.url}/v1", api_key="unused")
@@ -207,6 +266,8 @@ BAD = [  # (route, body, status, words the message must contain)
     ("/v1/completions", {"model": NAME, "prompt": "x", "top_p": 0}, 400, ["top_p"]),
     ("/v1/completions", {"model": NAME, "prompt": "x", "n": 0}, 400, ["n:"]),
     ("/v1/completions", {"model": NAME, "prompt": "x", "logprobs": 99}, 400, ["logprobs"]),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "max_tokens": 0}, 400, ["max_tokens", "echo"]),
+    ("/v1/completions", {"model": NAME, "prompt": "x", "echo": True, "logprobs": 21}, 400, ["logprobs"]),
     ("/v1/completions", {"model": NAME, "prompt": "Seattle is a city. " * 60}, 400, ["prompt", "max_model_len"]),
     ("/v1/completions", {"model": NAME, "prompt": [1, 2, 100000]}, 400, ["prompt"]),
     ("/v1/completions", {"model": NAME, "prompt": "x", "stream": True, "presence_penalty": 3}, 400, ["presence_penalty"]),

@@ -49,6 +49,7 @@ def test_sampling_round_trip():
     assert sampling_from_proto(msg) == {"presence_penalty": 0.5, "frequency_penalty": -1.0,
                                         "logit_bias": {7: -100.0, 3: 2.5}}
     assert sampling_from_proto(sampling_to_proto(presence_penalty=0.0)) == {"presence_penalty": 0.0}
+    assert sampling_from_proto(sampling_to_proto(prompt_logprobs=0)) == {"prompt_logprobs": 0}  # 0 is not unset
     with pytest.raises(ValueError, match="logit_bias"):
         sampling_to_proto(logit_bias=[(7, 1.0)])
     assert sampling_from_proto(pb.SamplingParams()) == {}  # unset = the engine's defaults

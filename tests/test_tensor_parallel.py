@@ -9,6 +9,8 @@ from tests.tiny_models import ARCHITECTURES
 PROMPTS = ["Hello, my name is", "DeepSpeed is a deep learning", "The lazy dog", "Seattle"]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
 # The second takes the first's prefix blocks from the cache: the peer rank reads them too.
+# Scoring the prompt (prompt_logprobs) runs the vocab-parallel head at every prompt position.
+SCORED = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=2)
 SHARED = ["DeepSpeed is a deep learning optimization library that makes distributed training easy. " + q
           for q in ("Why?", "How?")]
 
@@ -31,9 +33,16 @@ def test_tp2_greedy_equals_tp1(arch, tiny_model_dir):
         two = [o.token_ids for o in eng.generate(PROMPTS, GREEDY)] + [eng.generate([p], GREEDY)[0].token_ids
                                                                       for p in SHARED]
         assert eng.stats["prefix_cache_hit_tokens"] >= 16
+        scored_two = eng.generate(SHARED[:1], SCORED)[0]
     finally:
         eng.shutdown()
     assert two == one
+    scored_one = ref.generate(SHARED[:1], SCORED)[0]
+    assert scored_two.token_ids == scored_one.token_ids
+    for a, b in zip(scored_two.prompt_logprobs[1:], scored_one.prompt_logprobs[1:], strict=True):
+        # the all-reduce sums in another order: fp32 rounding only
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
 
 def test_indivisible_heads_fail_before_starting(tiny_model_dir):

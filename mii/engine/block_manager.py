@@ -60,11 +60,15 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> int:
         """Give ``seq`` (holding no blocks) the cached blocks of its longest cached prefix;
         returns how many of its tokens they hold. The block with the last known token is
-        never taken, so at least one token is computed and its logits sampled."""
+        never taken, so at least one token is computed and its logits sampled; nor is one
+        holding prompt positions still to be scored for ``prompt_logprobs``, which need logits."""
         if not self.prefix_caching:
             return 0
         self.query_tokens += len(seq.token_ids)
-        for i in range((len(seq.token_ids) - 1) // self.block_size):
+        usable = (len(seq.token_ids) - 1) // self.block_size
+        if seq.needs_prompt_scores:
+            usable = min(usable, seq.prompt_scored // self.block_size)
+        for i in range(usable):
             block = self.cached.get(self._hash(seq, i))
             if block is None:
                 break

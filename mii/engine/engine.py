@@ -150,6 +150,8 @@ class LLMEngine:
         for item in batch:
             seq = item.seq
             samples = item.samples
+            if seq.params.prompt_logprobs is not None:  # its scores for these positions are in flight
+                seq.prompt_scored = max(seq.prompt_scored, min(seq.num_computed + item.num_tokens, seq.num_prompt - 1))
             seq.num_computed += item.num_tokens
             if caching and seq.num_computed >= (seq.num_hashed + 1) * bs:  # a block filled up: cache it
                 self.blocks.register(seq)
@@ -161,7 +163,9 @@ class LLMEngine:
         return sampling
 
     def _collect(self, launched, seqs: list[Sequence]) -> list[RequestOutput]:
-        tokens, logprobs = self.runner.collect(launched)
+        tokens, logprobs, scores = self.runner.collect(launched)
+        for seq, score in scores:  # before the tokens: a prompt's last scores come with its first token
+            seq.prompt_scores.append(score)
         return self._apply(seqs, tokens, logprobs)
 
     def _apply(self, seqs: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]
@@ -202,8 +206,14 @@ class LLMEngine:
         if seq.finished:
             del self.seqs[seq.request_id], self.detok[seq.request_id]
             self._sync_only.discard(seq.request_id)
+        prompt_ids = prompt_lps = None
+        if new_ids and seq.num_generated == 1:  # the request's first output
+            prompt_ids = seq.token_ids[:seq.num_prompt]
+            if seq.params.prompt_logprobs is not None:
+                prompt_lps = [None, *seq.prompt_scores]  # the first token has no prediction
         return RequestOutput(seq.request_id, text, new_ids, lps, seq.finished, seq.finish_reason,
-                             seq.num_prompt, seq.num_generated, d.text if seq.finished else d.text[:d.emitted])
+                             seq.num_prompt, seq.num_generated, d.text if seq.finished else d.text[:d.emitted],
+                             prompt_lps, prompt_ids)
 
     # -- blocking convenience ---------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
@@ -215,15 +225,19 @@ class LLMEngine:
         done: dict[str, Completion] = {}
         tokens: dict[str, list[int]] = {i: [] for i in ids}
         lps: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
+        prompt_lps: dict[str, list[TokenLogprob | None] | None] = dict.fromkeys(ids)
         prompt_of = dict(zip(ids, prompts))
         while len(done) < len(ids):
             for out in self.step():
                 tokens[out.request_id] += out.token_ids
                 lps[out.request_id] += out.logprobs
+                if out.prompt_logprobs is not None:
+                    prompt_lps[out.request_id] = out.prompt_logprobs
                 if out.finished:
                     done[out.request_id] = Completion(
                         out.request_id, prompt_of[out.request_id], out.generated_text, tokens[out.request_id],
-                        out.finish_reason, out.prompt_tokens, out.generated_tokens, lps[out.request_id])
+                        out.finish_reason, out.prompt_tokens, out.generated_tokens, lps[out.request_id],
+                        prompt_lps[out.request_id])
         return [done[i] for i in ids]
 
     def shutdown(self) -> None:

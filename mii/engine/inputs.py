@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from mii.model.decoder import BatchContext
+from .prompt_logprobs import PromptRows
 from .scheduler import ScheduledSeq
 
 
@@ -16,7 +17,8 @@ from .scheduler import ScheduledSeq
 class StepInputs:
     longs: torch.Tensor  # int64: ids | positions | slots | logits rows | feed dst | feed src
     ints: torch.Tensor   # int32: block tables [B, W] | cu_seqlens [B + 1] | context lens [B]
-    sizes: tuple[int, int, int, int, int]  # T tokens, B sequences, W table width, S samples, F fed
+    sizes: tuple[int, int, int, int, int]  # T tokens, B sequences, W table width, S logits rows, F fed
+    prompt: PromptRows | None = None  # rank 0 only: set when some rows score prompt positions
 
     @classmethod
     def pack(cls, batch: list[ScheduledSeq], block_size: int, last_rows: dict, pin: bool) -> StepInputs:
@@ -37,6 +39,7 @@ class StepInputs:
         feed_dst: list[int] = []
         feed_src: list[int] = []
         tables: list[int] = []
+        scored: list = []  # (token index, sequence, position) for prompt_logprobs
         bs = block_size
         width = max(len(item.seq.block_table) for item in batch)
         pad = [0] * width
@@ -64,6 +67,8 @@ class StepInputs:
                     ids.append(0)
                 positions.extend(range(start, end))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if seq.params.prompt_logprobs is not None:
+                scored += [(t + p - start, seq, p) for p in seq.prompt_rows(start, end)]
             t += n
             cu.append(t)
             ctx_lens.append(end)
@@ -72,9 +77,12 @@ class StepInputs:
             tables += table
             if len(table) < width:
                 tables += pad[len(table):]
+        prompt = None
+        if scored:
+            logits_idx, prompt = PromptRows.merge(logits_idx, scored)
         longs = _tensor("q", ids + positions + slots + logits_idx + feed_dst + feed_src, pin)
         ints = _tensor("i", tables + cu + ctx_lens, pin)
-        return cls(longs, ints, (t, len(batch), width, len(logits_idx), len(feed_dst)))
+        return cls(longs, ints, (t, len(batch), width, len(logits_idx), len(feed_dst)), prompt)
 
     @staticmethod
     def _feed(seq, index: int, last_rows: dict, row: int, feed_dst: list[int], feed_src: list[int]) -> None:

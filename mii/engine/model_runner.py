@@ -16,7 +16,8 @@ from .cuda_graph import StepGraphs
 from .inputs import StepInputs
 from .sampler import Sampled, Sampler
 from .scheduler import ScheduledSeq
-from .sequence import TokenLogprob
+from .prompt_logprobs import PromptRows, PromptScores
+from .sequence import Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,16 @@ class ModelRunner:
     def pack(self, batch: list[ScheduledSeq]) -> StepInputs:
         return StepInputs.pack(batch, self.block_size, self._last_rows, pin=self.device.type == "cuda")
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, BatchContext, tuple | None]:
-        """The step's inputs on the device, and the ids still in flight from the last step
-        as a feed for :meth:`forward` to apply (see ``StepInputs.to_device_deferred``)."""
-        return self.pack(batch).to_device_deferred(self.device, self._last_tokens)
+    def step_logits(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, PromptRows | None]:
+        """The step's logits rows, and which of them score prompt positions (None: all sample)."""
+        inputs = self.pack(batch)
+        return self.forward(*inputs.to_device_deferred(self.device, self._last_tokens)), inputs.prompt
 
     @torch.inference_mode()
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """[S, vocab] float32 logits for the sequences that sample this step."""
-        return self.forward(*self.prepare(batch))
+        logits, prompt = self.step_logits(batch)
+        return logits if prompt is None else prompt.split(logits)[0]
 
     def forward(self, input_ids: torch.Tensor, ctx: BatchContext, feed: tuple | None = None) -> torch.Tensor:
         """Replays a CUDA graph where one fits the step's shape (a choice made from shapes
@@ -132,19 +134,26 @@ class ModelRunner:
         """Nothing to stop for a single rank (the TP runner stops its peers)."""
 
     @torch.inference_mode()
-    def launch(self, batch: list[ScheduledSeq]) -> Sampled | None:
-        """Queue one step (forward and sampling) on the device without waiting for it.
-        Call before the sequences' progress is advanced for this step."""
+    def launch(self, batch: list[ScheduledSeq]) -> tuple[Sampled | None, PromptScores | None]:
+        """Queue one step (forward, sampling and any prompt scoring) on the device without
+        waiting for it. Call before the sequences' progress is advanced for this step."""
         sampling = [item.seq for item in batch if item.samples]
-        logits = self.logits(batch)
+        logits, prompt = self.step_logits(batch)
+        scores = None
+        if prompt is not None:
+            logits, scores = prompt.split(logits)
         if not sampling:
             self._last_tokens, self._last_rows = None, {}
-            return None
+            return None, scores
         sampled = self.sampler.sample(logits, sampling)
         self._last_tokens, self._last_rows = sampled.tokens, {seq: i for i, seq in enumerate(sampling)}
-        return sampled
+        return sampled, scores
 
     @staticmethod
-    def collect(sampled: Sampled | None) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Wait for a launched step: a token (and logprob) per sampling sequence, in order."""
-        return sampled.host() if sampled is not None else ([], [])
+    def collect(launched: tuple[Sampled | None, PromptScores | None]
+                ) -> tuple[list[int], list[TokenLogprob | None], list[tuple[Sequence, TokenLogprob]]]:
+        """Wait for a launched step: a token (and logprob) per sampling sequence, in order,
+        and the prompt positions it scored."""
+        sampled, scores = launched
+        tokens, logprobs = sampled.host() if sampled is not None else ([], [])
+        return tokens, logprobs, scores.host() if scores is not None else []

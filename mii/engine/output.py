@@ -20,6 +20,10 @@ class RequestOutput:
     prompt_tokens: int
     generated_tokens: int
     generated_text: str = ""
+    # With SamplingParams.prompt_logprobs, on the output carrying the first generated token:
+    # one entry per prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_token_ids: list[int] | None = None  # on a request's first output only
 
 
 @dataclass(slots=True)
@@ -34,6 +38,7 @@ class Completion:
     prompt_tokens: int
     generated_tokens: int
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # see RequestOutput
 
     def __str__(self) -> str:
         return self.generated_text

@@ -108,7 +108,7 @@ class Sampled:
     def __init__(self, tokens: torch.Tensor, chosen, top_v, top_i, want: list[int | None]):
         self.tokens, self.want = tokens, want
         parts = [tokens] + [t for t in (chosen, top_v, top_i) if t is not None]
-        self._parts = [_to_host(t) for t in parts]
+        self._parts = [to_host(t) for t in parts]
         self._event = None
         if tokens.device.type == "cuda":
             self._event = torch.cuda.Event()
@@ -132,7 +132,7 @@ class Sampled:
         return tokens, out
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
+def to_host(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cuda":
         return t
     buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

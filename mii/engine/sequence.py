@@ -49,6 +49,10 @@ class Sequence:
     capped: bool = False  # its last token is in flight: the length limit is reached
     block_hashes: list[bytes] = field(default_factory=list, repr=False)  # prefix hashes of its full blocks (BlockManager)
     num_hashed: int = 0  # leading blocks of block_table registered in (or taken from) the prefix cache
+    # prompt_logprobs: positions below prompt_scored have been scored (or are in flight);
+    # their scores, for prompt tokens 1.., gather in prompt_scores until the first output.
+    prompt_scored: int = 0
+    prompt_scores: list[TokenLogprob] = field(default_factory=list, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +67,18 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt:]
+
+    def prompt_rows(self, start: int, end: int) -> range:
+        """Positions in [start, end) whose logits score the next prompt token and are still
+        unscored: each is scored once, even if preemption makes the prompt run again."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, self.prompt_scored), min(end, self.num_prompt - 1))
+
+    @property
+    def needs_prompt_scores(self) -> bool:
+        """Whether prompt positions remain to be scored (their K/V cannot come from the prefix cache)."""
+        return self.params.prompt_logprobs is not None and self.prompt_scored < self.num_prompt - 1
 
     @property
     def finished(self) -> bool:

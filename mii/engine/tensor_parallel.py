@@ -23,6 +23,7 @@ from mii.model.parallel import TP, set_tensor_parallel
 from mii.policies.base import ModelSpec
 from .inputs import StepInputs
 from .model_runner import ModelRunner
+from .prompt_logprobs import PromptRows
 from .scheduler import ScheduledSeq
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class TPModelRunner(ModelRunner):
         dist.all_reduce(n, op=dist.ReduceOp.MIN)  # every rank must hold the same blocks
         return int(n.item())
 
-    def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+    def step_logits(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, PromptRows | None]:
         inputs = self.pack(batch)
         self._check_peers()
         try:
@@ -114,7 +115,7 @@ class TPModelRunner(ModelRunner):
             input_ids, ctx = inputs.to_device(self.device, self._last_tokens)
             if inputs.num_fed:
                 dist.broadcast(input_ids, src=0, group=TP.group)
-            return self.forward(input_ids, ctx)
+            return self.forward(input_ids, ctx), inputs.prompt
         except RuntimeError as e:  # a collective broke: say which rank, if one died
             self._check_peers()
             raise RankFailure(f"tensor-parallel step failed: {e}") from e
