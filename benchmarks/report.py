@@ -35,10 +35,28 @@ def _prefix_section(f: dict) -> list[str]:
             _row(["measurement", "cache off", "cache on"]), _row(["---"] * 3)] + [_row(list(r)) for r in rows] + [""]
 
 
+def _score_section(f: dict) -> list[str]:
+    """``benchmarks.score``: prompt scoring (lm-eval's log-likelihood requests)."""
+    lo, hi = f["prompt_lengths"]
+    return [f"## Prompt scoring, {f['model']}", "",
+            f"{f['device']}, {f['date']}, torch {f['torch']}; `python -m benchmarks.score`: {f['prompts']:,} prompts "
+            f"of {lo}-{hi} random tokens ({f['prompt_tokens']:,} in all), every token scored with its top "
+            "alternative (`prompt_logprobs=1`, lm-eval's `echo` + `logprobs=1`), all submitted at once.", "",
+            _row(["run", "seconds", "prompt tok/s"]), _row(["---"] * 3),
+            _row(["ours, scored", f"{f['scored']['seconds']:.2f}", f"{f['scored']['prompt_tok_s']:.0f}"]),
+            _row(["ours, the same prompts unscored (prefill + 1 token)", f"{f['plain']['seconds']:.2f}",
+                  f"{f['plain']['prompt_tok_s']:.0f}"]),
+            _row([f"HF, batches of {f['hf']['batch']} by length, one forward + log-softmax each "
+                  f"(warm-up {f['hf']['warmup_s']:.1f} s excluded)", f"{f['hf']['seconds']:.2f}",
+                  f"{f['hf']['prompt_tok_s']:.0f}"]), "",
+            f"Scores of the first 16 prompts against HF's (both fp16): largest difference "
+            f"{f['max_abs_diff_vs_hf']:.3f} nats.", ""]
+
+
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
             if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-", "pdl-", "decode-attn",
-                                      "host-", "prefix-"))]
+                                      "host-", "prefix-", "score-"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -180,6 +198,8 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
             lines.append("")
     for p in sorted(Path(results).glob("prefix-*.json")):
         lines += _prefix_section(json.loads(p.read_text()))
+    for p in sorted(Path(results).glob("score-*.json")):
+        lines += _score_section(json.loads(p.read_text()))
     for p in sorted(Path(results).glob("profile-prefill-*.json")):
         f = json.loads(p.read_text())
         modes = list(f["modes"])

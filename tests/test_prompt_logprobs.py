@@ -75,23 +75,23 @@ def test_chunked_prefill_preemption_and_prefix_cache_keep_the_scores(llama):
     assert eng.stats["kv_blocks_free"] == eng.stats["kv_blocks_total"]
 
 
-def test_scoring_spreads_over_steps_within_the_logits_rows(llama):
-    """A step scores at most max_num_seqs prompt positions (the logits rows the engine
-    keeps memory for), so a long scored prompt is prefilled in several steps, with the
-    same scores."""
+def test_a_step_scores_its_rows_in_chunks(llama, monkeypatch):
+    """A step that scores more positions than PromptScores.chunk takes them to float32 a
+    chunk at a time (the memory kept for it is fixed); the scores are the same."""
+    from mii.engine.prompt_logprobs import PromptScores
+    monkeypatch.setattr(PromptScores, "chunk", 8)
     path, hf = llama
-    eng = engine(path, max_num_seqs=4, max_num_batched_tokens=256)
-    rows, schedule = [], eng.scheduler.schedule
+    eng = engine(path, max_num_batched_tokens=256)
+    rows, launch = [], eng.runner.launch
 
-    def counted():
-        batch = schedule()
+    def counted(batch):
         rows.append(sum(len(b.seq.prompt_rows(b.seq.num_computed, b.seq.num_computed + b.num_tokens)) for b in batch))
-        return batch
+        return launch(batch)
 
-    eng.scheduler.schedule = counted
+    eng.runner.launch = counted
     prompts = [PROMPTS[1], PROMPTS[1] + " Then?"]
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=1))
-    assert max(rows) == 4 and sum(rows) == sum(len(o.prompt_logprobs) - 1 for o in outs)
+    assert max(rows) > 8 * 4  # one step scored both prompts, in many chunks
     for prompt, out in zip(prompts, outs):
         ids = eng.tokenizer.encode(prompt)
         assert_scores_match(out.prompt_logprobs, ids, reference(hf, ids), 1)

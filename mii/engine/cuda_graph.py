@@ -120,8 +120,9 @@ class StepGraphs:
         return next((("mixed", t) for t in self.token_sizes if t >= T), None)
 
     def run(self, key: tuple[str, int], input_ids: torch.Tensor, ctx: BatchContext,
-            feed: tuple | None = None) -> torch.Tensor:
-        """Logits for the step's sampling rows. ``feed``: see ``ModelRunner.forward``."""
+            feed: tuple | None = None, float32: bool = True) -> torch.Tensor:
+        """Logits for the step's logits rows (float32 from a decode graph, whatever
+        ``float32``). ``feed``: see ``ModelRunner.forward``."""
         kind, n = key
         T, B = input_ids.shape[0], ctx.block_tables.shape[0]
         mixed = kind == "mixed"
@@ -131,4 +132,4 @@ class StepGraphs:
         if not mixed:
             return self.outputs[key][:B]
         x, residual = self.outputs[key]
-        return self.model.head(x[:T], residual[:T], ctx.logits_indices, self.ops)
+        return self.model.head(x[:T], residual[:T], ctx.logits_indices, self.ops, float32)

@@ -39,7 +39,8 @@ class StepInputs:
         feed_dst: list[int] = []
         feed_src: list[int] = []
         tables: list[int] = []
-        scored: list = []  # (token index, sequence, position) for prompt_logprobs
+        score_rows: list[int] = []  # prompt_logprobs: indices into logits_idx that score a position,
+        scored: list = []           # and (sequence, position) of each
         bs = block_size
         width = max(len(item.seq.block_table) for item in batch)
         pad = [0] * width
@@ -67,8 +68,11 @@ class StepInputs:
                     ids.append(0)
                 positions.extend(range(start, end))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if seq.params.prompt_logprobs is not None:
-                scored += [(t + p - start, seq, p) for p in seq.prompt_rows(start, end)]
+            if seq.params.prompt_logprobs is not None and (rows := seq.prompt_rows(start, end)):
+                # before the sequence's sampling row, if any: the rows stay in token order
+                score_rows.extend(range(len(logits_idx), len(logits_idx) + len(rows)))
+                logits_idx.extend(range(t + rows.start - start, t + rows.stop - start))
+                scored.extend((seq, p) for p in rows)
             t += n
             cu.append(t)
             ctx_lens.append(end)
@@ -77,9 +81,7 @@ class StepInputs:
             tables += table
             if len(table) < width:
                 tables += pad[len(table):]
-        prompt = None
-        if scored:
-            logits_idx, prompt = PromptRows.merge(logits_idx, scored)
+        prompt = PromptRows.of(len(logits_idx), score_rows, scored) if scored else None
         longs = _tensor("q", ids + positions + slots + logits_idx + feed_dst + feed_src, pin)
         ints = _tensor("i", tables + cu + ctx_lens, pin)
         return cls(longs, ints, (t, len(batch), width, len(logits_idx), len(feed_dst)), prompt)

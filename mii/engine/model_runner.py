@@ -78,7 +78,10 @@ class ModelRunner:
         s, c = self.spec, self.config
         act = c.max_num_batched_tokens * (6 * s.hidden + 3 * s.intermediate) * self.dtype.itemsize
         logits = c.max_num_seqs * s.vocab * 4 * 4  # fp32 logits plus the sampler's copies
-        return act + logits + (512 << 20)
+        # prompt_logprobs: every token of a step may be a logits row, in the model's dtype,
+        # scored in float32 chunks (the chunk and logsumexp's temporary)
+        scores = s.vocab * (c.max_num_batched_tokens * self.dtype.itemsize + PromptScores.chunk * 4 * 2)
+        return act + logits + scores + (512 << 20)
 
     def _capture_graphs(self) -> StepGraphs | None:
         """CUDA graphs for decode and mixed steps, when asked for and the ops can be
@@ -108,15 +111,18 @@ class ModelRunner:
     def step_logits(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, PromptRows | None]:
         """The step's logits rows, and which of them score prompt positions (None: all sample)."""
         inputs = self.pack(batch)
-        return self.forward(*inputs.to_device_deferred(self.device, self._last_tokens)), inputs.prompt
+        logits = self.forward(*inputs.to_device_deferred(self.device, self._last_tokens),
+                              float32=inputs.prompt is None)
+        return logits, inputs.prompt
 
     @torch.inference_mode()
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """[S, vocab] float32 logits for the sequences that sample this step."""
         logits, prompt = self.step_logits(batch)
-        return logits if prompt is None else prompt.split(logits)[0]
+        return logits if prompt is None else prompt.split(logits)[0].float()
 
-    def forward(self, input_ids: torch.Tensor, ctx: BatchContext, feed: tuple | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, ctx: BatchContext, feed: tuple | None = None,
+                float32: bool = True) -> torch.Tensor:
         """Replays a CUDA graph where one fits the step's shape (a choice made from shapes
         alone, so every tensor-parallel rank makes the same one), else runs eagerly.
         ``feed`` = (dst, src, last): ``input_ids[dst] = last[src]`` first."""
@@ -124,11 +130,11 @@ class ModelRunner:
             (B, W), S = ctx.block_tables.shape, ctx.logits_indices.numel()
             key = self.graphs.key(input_ids.numel(), B, S, W)
             if key is not None:
-                return self.graphs.run(key, input_ids, ctx, feed)
+                return self.graphs.run(key, input_ids, ctx, feed, float32)
         if feed is not None:
             dst, src, last = feed
             input_ids[dst] = last[src]
-        return self.model(input_ids, ctx, self.ops)
+        return self.model(input_ids, ctx, self.ops, float32)
 
     def shutdown(self) -> None:
         """Nothing to stop for a single rank (the TP runner stops its peers)."""
@@ -140,8 +146,9 @@ class ModelRunner:
         sampling = [item.seq for item in batch if item.samples]
         logits, prompt = self.step_logits(batch)
         scores = None
-        if prompt is not None:
+        if prompt is not None:  # logits in the model's dtype: PromptScores converts them in chunks
             logits, scores = prompt.split(logits)
+            logits = logits.float()
         if not sampling:
             self._last_tokens, self._last_rows = None, {}
             return None, scores

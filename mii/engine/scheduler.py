@@ -28,7 +28,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self._score_rows = 0  # prompt positions this step may still score (see _chunk)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -57,7 +56,6 @@ class Scheduler:
         model of the same run recomputed a quarter of the prompt tokens.
         """
         budget = self.max_tokens
-        self._score_rows = self.max_num_seqs
         out: list[ScheduledSeq] = []
         preempted = False
         i = 0
@@ -66,10 +64,7 @@ class Scheduler:
             if seq.capped:  # its final token is in flight; it finishes when that lands
                 i += 1
                 continue
-            n = self._chunk(seq, budget)
-            if not n:  # a prompt being scored, and this step's score rows are spent
-                i += 1
-                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
             while not self.blocks.can_grow(seq, seq.num_computed + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -87,11 +82,11 @@ class Scheduler:
             if seq.num_pending:  # preempted with a token in flight: its ids are not all known yet
                 break
             cached = seq.num_computed = self.blocks.match_prefix(seq)  # a waiting sequence holds no blocks
-            n = self._chunk(seq, budget)
+            n = min(seq.num_tokens - seq.num_computed, budget)
             need = self.blocks.blocks_needed(seq, seq.num_computed + n)
             if need <= self.blocks.num_free and reserve is None:
                 reserve = sum(self._headroom(s) for s in self.running)
-            if not n or need > self.blocks.num_free - (reserve or 0):
+            if need > self.blocks.num_free - (reserve or 0):
                 if cached:  # not admitted after all: give the cached blocks back
                     self.blocks.unmatch(seq)
                     seq.num_computed = 0
@@ -104,18 +99,6 @@ class Scheduler:
             out.append(ScheduledSeq(seq, n))
             budget -= n
         return out
-
-    def _chunk(self, seq: Sequence, budget: int) -> int:
-        """The tokens ``seq`` computes this step, within the token budget. A prompt being
-        scored (``prompt_logprobs``) also spends the step's score rows: each scored position
-        is a logits row over the whole vocabulary, and the memory kept back for logits
-        (``ModelRunner._activation_reserve``) holds max_num_seqs rows beside the sampling ones."""
-        n = min(seq.num_tokens - seq.num_computed, budget)
-        if seq.needs_prompt_scores:
-            rescored = max(0, seq.prompt_scored - seq.num_computed)  # recomputed after preemption: not scored again
-            n = min(n, rescored + self._score_rows)
-            self._score_rows -= len(seq.prompt_rows(seq.num_computed, seq.num_computed + n))
-        return n
 
     def _headroom(self, seq: Sequence) -> int:
         """Blocks a running sequence will take over its next ``block_size`` tokens: about

@@ -115,7 +115,7 @@ class TPModelRunner(ModelRunner):
             input_ids, ctx = inputs.to_device(self.device, self._last_tokens)
             if inputs.num_fed:
                 dist.broadcast(input_ids, src=0, group=TP.group)
-            return self.forward(input_ids, ctx), inputs.prompt
+            return self.forward(input_ids, ctx, float32=inputs.prompt is None), inputs.prompt
         except RuntimeError as e:  # a collective broke: say which rank, if one died
             self._check_peers()
             raise RankFailure(f"tensor-parallel step failed: {e}") from e

@@ -161,10 +161,10 @@ class DecoderModel(nn.Module):
             x, _ = ops.add_norm(x, None, self.embed_norm.weight, self.embed_norm.bias, self.spec.eps, False)
         return x
 
-    def forward(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops) -> torch.Tensor:
-        """Logits for the rows ``ctx.logits_indices`` ([S, vocab], float32)."""
+    def forward(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops, float32: bool = True) -> torch.Tensor:
+        """Logits for the rows ``ctx.logits_indices`` ([S, vocab]; see :meth:`head`)."""
         x, residual = self._blocks(input_ids, ctx, ops)
-        return self.head(x, residual, ctx.logits_indices, ops)
+        return self.head(x, residual, ctx.logits_indices, ops, float32)
 
     def hidden(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's (out, residual) for every token; their sum is the hidden state."""
@@ -177,8 +177,12 @@ class DecoderModel(nn.Module):
             x, residual = layer(x, residual, ctx, ops, self.cos_sin, self.alibi)
         return x, residual
 
-    def head(self, x: torch.Tensor | Partial, residual: torch.Tensor, rows: torch.Tensor, ops: Ops) -> torch.Tensor:
-        """Final norm and LM head on the given rows only: float32 logits."""
+    def head(self, x: torch.Tensor | Partial, residual: torch.Tensor, rows: torch.Tensor, ops: Ops,
+             float32: bool = True) -> torch.Tensor:
+        """Final norm and LM head on the given rows only: float32 logits, or in the model's
+        dtype (as the GEMM rounded them: no precision lost) for a caller that converts them
+        a few rows at a time, as prompt scoring does with a step's every token."""
         x = x.rows(rows) if isinstance(x, Partial) else x[rows]
         h, _ = add_norm(x, residual[rows], self.final_norm, ops)
-        return self.lm_head.logits(h).float()
+        logits = self.lm_head.logits(h)
+        return logits.float() if float32 else logits
