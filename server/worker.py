@@ -139,7 +139,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def _collect(self, stream: RequestStream, prompt: pb.Prompt, echo: bool) -> pb.Completion:
         done = pb.Completion()
         async for out in stream:
-            done.MergeFrom(pb.Completion(**self._prompt_fields(out, prompt, echo)))
+            if out.prompt_token_ids is not None:  # the first output: what it says of the prompt
+                done.MergeFrom(pb.Completion(**self._prompt_fields(out, prompt, echo)))
             done.token_ids.extend(out.token_ids)
             done.logprobs.extend(self._logprobs(out.logprobs))
             if out.finished:
