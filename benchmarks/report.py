@@ -53,10 +53,28 @@ def _score_section(f: dict) -> list[str]:
             f"{f['max_abs_diff_vs_hf']:.3f} nats.", ""]
 
 
+def _bound_section(f: dict) -> list[str]:
+    """``benchmarks.chain_bound``: the bs=1 step with its norms and/or attention dropped."""
+    lines = [f"## The bs=1 step without its norms or attention, {f['model']}", "",
+             f"{f['device']}, {f['date']}, torch {f['torch']}; `python -m benchmarks.chain_bound`: bare graph "
+             f"replay at a {f['context']}-token context, with kernels dropped from the chain (wrong outputs; only "
+             "the time counts). Roofline = step bytes / copy bandwidth. Range over the repeats.", "",
+             _row(["mode", "dropped", "bs=1 ms", "% of roofline", "saved (ms)"]), _row(["---"] * 5)]
+    by = {}
+    for r in f["rows"]:
+        by.setdefault((r["mode"], r["dropped"]), []).append(r)
+    for (mode, drop), rs in by.items():
+        ms = [r["bs1_ms"] for r in rs]
+        base = min(r["bs1_ms"] for r in by[(mode, "nothing")])
+        lines.append(_row([mode, drop, f"{min(ms):.3f}-{max(ms):.3f}", f"{100 * rs[0]['roofline_ms'] / min(ms):.1f}%",
+                           f"{base - min(ms):.3f}"]))
+    return lines + [""]
+
+
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
             if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-", "pdl-", "decode-attn",
-                                      "host-", "prefix-", "score-"))]
+                                      "host-", "prefix-", "score-", "bound-"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -200,6 +218,8 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
         lines += _prefix_section(json.loads(p.read_text()))
     for p in sorted(Path(results).glob("score-*.json")):
         lines += _score_section(json.loads(p.read_text()))
+    for p in sorted(Path(results).glob("bound-*.json")):
+        lines += _bound_section(json.loads(p.read_text()))
     for p in sorted(Path(results).glob("profile-prefill-*.json")):
         f = json.loads(p.read_text())
         modes = list(f["modes"])
