@@ -28,6 +28,9 @@ class Response:
     generated_length: int
     finish_reason: str | None
     token_ids: list[int] = field(default_factory=list)
+    # with kwargs logprobs / prompt_logprobs: per token {token_id, token, logprob, top: [...]}
+    logprobs: list[dict] | None = None
+    prompt_logprobs: list[dict] | None = None
 
     def __str__(self) -> str:
         return self.generated_text
@@ -70,7 +73,7 @@ class MIIClient:
         r = self._http.post(self._route, json={"request": {"query": request["query"]}, "kwargs": kwargs})
         body = _checked(r).json()
         details = [Response(d["generated_text"], d["prompt_tokens"], d["generated_tokens"], d["finish_reason"],
-                            d["token_ids"]) for d in body["details"]]
+                            d["token_ids"], d.get("logprobs"), d.get("prompt_logprobs")) for d in body["details"]]
         return QueryResult(body["response"], details, body["time_taken"])
 
     def generate(self, prompts: str | list[str], **kwargs) -> list[Response]:

@@ -1,7 +1,9 @@
 """The legacy MII REST route: ``POST /mii/{deployment}`` with
 ``{"request": {"query": [...]}, "kwargs": {...}}``; kwargs are ``mii.SamplingParams``
 fields (plus MII's ``max_tokens`` and ``do_sample``). ``"stream": true`` (one prompt or
-several) answers with Server-Sent Events, one per generated token."""
+several) answers with Server-Sent Events, one per generated token. With ``logprobs`` (and
+``prompt_logprobs``) each prompt's details carry the tokens' log-probabilities and their
+top alternatives, as the engine's ``RequestOutput`` does."""
 from __future__ import annotations
 
 import time
@@ -43,7 +45,9 @@ class LegacyKwargs(_Request):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per generated token")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="Score the prompt: top alternatives "
+                                        "per prompt token")
     skip_special_tokens: bool | None = None
 
 
@@ -53,12 +57,34 @@ class LegacyRequest(_Request):
     stream: bool = False
 
 
+class LegacyTop(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class LegacyLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float | None = Field(description="null only for a prompt's first token: nothing predicts it")
+    top: list[LegacyTop] = Field(description="The likeliest tokens, best first")
+
+
+def _logprobs(entries) -> list[LegacyLogprob]:
+    return [LegacyLogprob(token_id=e.token_id, token=e.token, logprob=e.logprob if e.HasField("logprob") else None,
+                          top=[LegacyTop(token_id=t.token_id, token=t.token, logprob=t.logprob) for t in e.top])
+            for e in entries]
+
+
 class LegacyDetail(BaseModel):
     generated_text: str
     token_ids: list[int]
     finish_reason: str | None
     prompt_tokens: int
     generated_tokens: int
+    logprobs: list[LegacyLogprob] | None = Field(None, description="Per generated token, with kwargs.logprobs")
+    prompt_logprobs: list[LegacyLogprob] | None = Field(None, description="Per prompt token, with "
+                                                        "kwargs.prompt_logprobs")
 
 
 class LegacyResponse(BaseModel):
@@ -75,6 +101,8 @@ class LegacyChunk(BaseModel):
     finish_reason: str | None
     prompt_tokens: int
     generated_tokens: int
+    logprobs: list[LegacyLogprob] | None = None  # this event's tokens, with kwargs.logprobs
+    prompt_logprobs: list[LegacyLogprob] | None = None  # on a prompt's first event, with kwargs.prompt_logprobs
 
 
 def router(gw: Gateway) -> APIRouter:
@@ -95,20 +123,32 @@ def router(gw: Gateway) -> APIRouter:
         except ValueError as e:
             raise GatewayError(400, f"kwargs: {e}", param="kwargs") from None
         jobs = [(prompt_to_proto(p), params) for p in prompts]
-        return await gw.respond(request, body.stream, lambda t: _chunks(gw, jobs, t), lambda t: _result(gw, jobs, t))
+        scored = body.kwargs.logprobs is not None, body.kwargs.prompt_logprobs is not None
+        return await gw.respond(request, body.stream, lambda t: _chunks(gw, jobs, t, scored),
+                                lambda t: _result(gw, jobs, t, scored))
 
     return r
 
 
-async def _result(gw: Gateway, jobs, start: float) -> LegacyResponse:
+def _scores(o, scored: tuple[bool, bool], first: bool = True) -> dict:
+    """The logprob fields asked for; a prompt's scores come with its first event only."""
+    lps, prompt = scored
+    return {"logprobs": _logprobs(o.logprobs) if lps else None,
+            "prompt_logprobs": _logprobs(o.prompt_logprobs) if prompt and first else None}
+
+
+async def _result(gw: Gateway, jobs, start: float, scored: tuple[bool, bool]) -> LegacyResponse:
     outs = await gw.pool.generate(jobs, start)
     details = [LegacyDetail(generated_text=o.text, token_ids=o.token_ids, finish_reason=finish_reason_name(
-        o.finish_reason), prompt_tokens=o.prompt_tokens, generated_tokens=o.generated_tokens) for o in outs]
+        o.finish_reason), prompt_tokens=o.prompt_tokens, generated_tokens=o.generated_tokens, **_scores(o, scored))
+        for o in outs]
     return LegacyResponse(response=[o.text for o in outs], details=details, time_taken=time.monotonic() - start)
 
 
-async def _chunks(gw: Gateway, jobs, start: float):
+async def _chunks(gw: Gateway, jobs, start: float, scored: tuple[bool, bool]):
+    seen = set()
     async for i, d in gw.pool.streams(jobs, start):
         yield LegacyChunk(index=i, text=d.text, token_ids=list(d.token_ids), finished=d.finished,
                           finish_reason=finish_reason_name(d.finish_reason), prompt_tokens=d.prompt_tokens,
-                          generated_tokens=d.generated_tokens)
+                          generated_tokens=d.generated_tokens, **_scores(d, scored, i not in seen))
+        seen.add(i)

@@ -179,6 +179,44 @@ def test_echo_logprobs_score_the_prompt_as_transformers(dep):
     assert abs(done.prompt_logprobs[-1].logprob - lp[-2, ids[-1]].item()) < 1e-4
 
 
+def test_legacy_route_returns_logprobs_as_transformers(dep):
+    """MII's legacy route with kwargs logprobs and prompt_logprobs: each prompt's details
+    carry the scores transformers computes, and the SSE events add up to the same."""
+    import torch
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dep.model, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(dep.model)
+    kwargs = {"max_new_tokens": 3, "temperature": 0, "logprobs": 2, "prompt_logprobs": 1}
+    body = dep.http.post(f"/mii/{NAME}", json={"request": {"query": PROMPTS}, "kwargs": kwargs}).json()
+    for prompt, d in zip(PROMPTS, body["details"]):
+        ids = tok.encode(prompt) + d["token_ids"]
+        with torch.no_grad():
+            lp = hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        n = len(ids) - len(d["token_ids"])
+        assert [e["token_id"] for e in d["prompt_logprobs"]] == ids[:n]
+        assert d["prompt_logprobs"][0]["logprob"] is None and d["prompt_logprobs"][0]["top"] == []
+        for j in range(1, len(ids)):
+            e = d["prompt_logprobs"][j] if j < n else d["logprobs"][j - n]
+            assert e["token_id"] == ids[j] and abs(e["logprob"] - lp[j - 1, ids[j]].item()) < 1e-4, j
+            assert len(e["top"]) == (1 if j < n else 2)
+            best = lp[j - 1].topk(len(e["top"]))
+            assert [t["token_id"] for t in e["top"]] == best.indices.tolist(), j
+            assert max(abs(t["logprob"] - v) for t, v in zip(e["top"], best.values.tolist())) < 1e-4
+    chunks = _sse(dep.http.post(f"/mii/{NAME}", json={"request": {"query": PROMPTS[0]}, "kwargs": kwargs,
+                                                       "stream": True}))
+    assert chunks[0]["prompt_logprobs"] == body["details"][0]["prompt_logprobs"]
+    assert all(c["prompt_logprobs"] is None for c in chunks[1:])
+    assert sum((c["logprobs"] for c in chunks), []) == body["details"][0]["logprobs"]
+    # the Python handle hands them on
+    handle = mii.api.mii_query_handle(NAME, registry_path=dep.registry)
+    got = handle.generate(PROMPTS, **kwargs)
+    assert [(r.logprobs, r.prompt_logprobs) for r in got] == [(d["logprobs"], d["prompt_logprobs"])
+                                                              for d in body["details"]]
+    # without them asked for, no scores
+    plain = dep.http.post(f"/mii/{NAME}", json={"request": {"query": PROMPTS[0]}, "kwargs": {"max_new_tokens": 2}})
+    assert plain.json()["details"][0]["logprobs"] is None and plain.json()["details"][0]["prompt_logprobs"] is None
+
+
 def test_official_openai_client(dep, reference):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{dep.url}/v1", api_key="unused")
@@ -283,6 +321,7 @@ BAD = [  # (route, body, status, words the message must contain)
      ["tools"]),
     (f"/mii/{NAME}", {"request": {"query": ["x"]}, "kwargs": {"max_length": 5}}, 400, ["max_length"]),
     (f"/mii/{NAME}", {"request": {"query": ["x"]}, "kwargs": {"top_k": -1}}, 400, ["top_k"]),
+    (f"/mii/{NAME}", {"request": {"query": ["x"]}, "kwargs": {"prompt_logprobs": 21}}, 400, ["prompt_logprobs"]),
     (f"/mii/{NAME}", {"request": {"query": ["x"]}, "kwargs": {"logit_bias": {"7": -101}}}, 400, ["logit_bias"]),
     (f"/mii/{NAME}", {"request": {"query": [""]}}, 400, ["prompt"]),
     (f"/mii/{NAME}", {"request": {"query": ["x"]}, "kwargs": {"min_new_tokens": 50, "max_new_tokens": 5}}, 400,
