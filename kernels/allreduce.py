@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .norm import norm_row, norm_warps
+from .norm import norm_params, norm_row, norm_warps
 from .pdl import enter
 
 MAX_PROGRAMS = 64
@@ -134,10 +134,11 @@ def _reduce_add_norm_kernel(x_ptr, lb_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, bu
     # One program per row: the all-reduce of a row-parallel linear's partial output, its
     # bias, the residual add and the norm, rounded at each step as the unfused chain
     # (all-reduce, ``y + bias``, ``kernels.norm.add_norm``) rounds them.
-    enter(PDL)  # see kernels/pdl.py
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    w, b = norm_params(w_ptr, b_ptr, cols, mask, HAS_BIAS)
+    enter(PDL)  # see kernels/pdl.py
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     h = _exchange(x, cols, mask, bufs, pads, counters, row, REGION, SLOT, RANK, W, ASM).to(x.dtype)
     if HAS_LBIAS:
@@ -145,7 +146,7 @@ def _reduce_add_norm_kernel(x_ptr, lb_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, bu
     if HAS_RES:
         h = h + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
     tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
-    y = norm_row(h, w_ptr, b_ptr, cols, mask, N, eps, HAS_BIAS, RMS)
+    y = norm_row(h, w, b, mask, N, eps, HAS_BIAS, RMS)
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -10,24 +10,36 @@ from .pdl import enter
 
 
 @triton.jit
-def norm_row(h, w_ptr, b_ptr, cols, mask, N, eps, HAS_BIAS: tl.constexpr, RMS: tl.constexpr):
+def norm_params(w_ptr, b_ptr, cols, mask, HAS_BIAS: tl.constexpr):
+    """The norm's weight and bias as stored. Kernels load them before their PDL wait: no
+    kernel of the step writes them, so their latency overlaps the kernel before."""
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    b = w
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0)
+    return w, b
+
+
+@triton.jit
+def norm_row(h, w, b, mask, N, eps, HAS_BIAS: tl.constexpr, RMS: tl.constexpr):
     """norm(h) * w (+ b) of one row h, held in the activation dtype (the residual sum's
-    rounding), with the statistics in float32: the rounding of :func:`add_norm_ref`."""
+    rounding), with the statistics in float32: the rounding of :func:`add_norm_ref`.
+    w and b as :func:`norm_params` loads them."""
     hf = h.to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    w = w.to(tl.float32)
     if RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / N + eps)
         # HF Llama rounds to the activation dtype before the weight multiply.
         y = ((hf * rstd).to(h.dtype).to(tl.float32) * w).to(h.dtype)
         if HAS_BIAS:
-            y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(h.dtype)
+            y = y + b.to(h.dtype)
     else:
         mean = tl.sum(hf, 0) / N
         d = tl.where(mask, hf - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / N + eps)
         y = d * rstd * w
         if HAS_BIAS:
-            y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y + b.to(tl.float32)
     return y
 
 
@@ -36,16 +48,17 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
                      stride_x, stride_r, stride_y, stride_h,
                      HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr,
                      PDL: tl.constexpr = False):
-    enter(PDL)  # see kernels/pdl.py
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    w, b = norm_params(w_ptr, b_ptr, cols, mask, HAS_BIAS)
+    enter(PDL)  # see kernels/pdl.py
     h = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         # The sum is rounded to x's dtype before the statistics, as the unfused model does.
         h = h + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
         tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
-    y = norm_row(h, w_ptr, b_ptr, cols, mask, N, eps, HAS_BIAS, RMS)
+    y = norm_row(h, w, b, mask, N, eps, HAS_BIAS, RMS)
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

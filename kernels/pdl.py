@@ -8,7 +8,7 @@ what does not depend on that kernel (the weight stream of a GEMV, which only nee
 weights) and then waits in ``griddepcontrol.wait`` until the kernel before has finished and
 its writes are visible.
 
-Rules every kernel launched this way follows (``enter`` does both, first thing):
+Rules every kernel launched this way follows (``enter`` does both):
 - every program calls ``gdc_wait`` before it reads anything an earlier kernel wrote or
   writes anything an earlier kernel reads, and before it exits; that keeps the chain
   transitive (kernel C waits for B, which waited for A);
@@ -18,7 +18,7 @@ Rules every kernel launched this way follows (``enter`` does both, first thing):
 Reads of what no kernel of the step writes (step inputs copied in before the step's first
 kernel, the KV cache of earlier steps, the weights) may come before the wait: the GEMV
 streams its first weight tiles that way, decode attention its context length, block table
-and first K/V tile.
+and first K/V tile, the norms their weight and bias.
 """
 from __future__ import annotations
 
