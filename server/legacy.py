@@ -130,11 +130,12 @@ def router(gw: Gateway) -> APIRouter:
     return r
 
 
-def _scores(o, scored: tuple[bool, bool], first: bool = True) -> dict:
-    """The logprob fields asked for; a prompt's scores come with its first event only."""
+def _scores(o, scored: tuple[bool, bool]) -> dict:
+    """The logprob fields asked for. A prompt's scores come with its first event only (the
+    worker sends them there), so later events leave the field null."""
     lps, prompt = scored
     return {"logprobs": _logprobs(o.logprobs) if lps else None,
-            "prompt_logprobs": _logprobs(o.prompt_logprobs) if prompt and first else None}
+            "prompt_logprobs": _logprobs(o.prompt_logprobs) if prompt and len(o.prompt_logprobs) else None}
 
 
 async def _result(gw: Gateway, jobs, start: float, scored: tuple[bool, bool]) -> LegacyResponse:
@@ -146,9 +147,7 @@ async def _result(gw: Gateway, jobs, start: float, scored: tuple[bool, bool]) ->
 
 
 async def _chunks(gw: Gateway, jobs, start: float, scored: tuple[bool, bool]):
-    seen = set()
     async for i, d in gw.pool.streams(jobs, start):
         yield LegacyChunk(index=i, text=d.text, token_ids=list(d.token_ids), finished=d.finished,
                           finish_reason=finish_reason_name(d.finish_reason), prompt_tokens=d.prompt_tokens,
-                          generated_tokens=d.generated_tokens, **_scores(d, scored, i not in seen))
-        seen.add(i)
+                          generated_tokens=d.generated_tokens, **_scores(d, scored))
