@@ -77,7 +77,8 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
                    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, U: tl.constexpr, A_REGS: tl.constexpr,
                    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                   ACT: tl.constexpr = "", GATED: tl.constexpr = False, XQ: tl.constexpr = False):
+                   ACT: tl.constexpr = "", GATED: tl.constexpr = False, XQ: tl.constexpr = False,
+                   RELEASE: tl.constexpr = 0):
     # Program (pid_n, pid_k) streams weight rows [pid_n*BN, +BN) over its share of K in
     # steps of U [BN, BK] tiles side by side along K (U > 1 reads longer runs of each row at
     # once; on the H100 it measured no faster than U = 1, the default). Loads are 16 bytes
@@ -125,6 +126,15 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
     if BITS != 16 and U == 1 and not XQ:
         s_next = tl.load(s_ptrs + (tl.minimum(i0, tiles - 1) * BK // GROUP) * stride_sg)
     for i in range(i0, i1):
+        if PDL and RELEASE > 0:
+            # Dependents are released RELEASE steps before this program's weight stream ends
+            # (0: after it), unlike the small kernels (kernels/pdl.py): released at entry, the
+            # next GEMV's programs took SM slots during the stream and the 7B W8A16 decode
+            # step went from 3.63 to 4.12 ms; released after the stream, 3.43 ms (H100,
+            # 2026-11-22). A few steps early, the next kernel's launch overlaps the stream's
+            # last steps instead of following them (skinny_config has the figures).
+            if i == tl.maximum(i1 - RELEASE, i0):
+                gdc_launch_dependents()
         if BITS != 16 and not XQ:
             if ASM:
                 prefetch_l2(s_ptrs + (tl.minimum((i + 2) * U, tiles - 1) * BK // GROUP) * stride_sg)
@@ -152,11 +162,7 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
                     xe, xo = tl.split(tl.reshape(x, (BM, KB, 2)))
                     part = tl.dot(lo, tl.trans(xe)) + tl.dot(hi, tl.trans(xo))
                 acc += part * s[:, None]
-    if PDL:
-        # Dependents are released only once this program has streamed its weights, unlike the
-        # small kernels (kernels/pdl.py): released at entry, the next GEMV's programs took SM
-        # slots during the stream and the 7B W8A16 decode step went from 3.63 to 4.12 ms;
-        # released here it is 3.43 ms, and fp16 5.31 ms against 5.38 (H100, 2026-11-22).
+    if PDL and RELEASE == 0:
         gdc_launch_dependents()
     if SPLIT_K > 1:
         # Split-K in one launch: each program leaves its fp32 partial, and the last of an
@@ -195,11 +201,12 @@ SKINNY_PREFETCH = 1  # tiles per program pulled into L2 before waiting on the ke
 # 1.169 / 1.201 ms at 8 / 16 / 32 MB; 7B W8A16 3.26 -> 3.34 ms at 24 MB; 2026-11-23). Kept
 # for ``benchmarks.pdl_ab --prefetch-whole-mb``.
 SKINNY_PREFETCH_WHOLE_BYTES = 0
+SKINNY_RELEASE: int | None = None  # overrides skinny_config's ``release`` (``benchmarks.pdl_ab --release``)
 
 
 def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 128, num_warps: int = 2,
                   num_stages: int = 3, waves: int = 4, U: int = 1, A_REGS: bool = True,
-                  prefetch: int | None = None, min_tiles: int = 4, bits: int = 16) -> dict:
+                  prefetch: int | None = None, min_tiles: int = 4, bits: int = 16, release: int = 2) -> dict:
     """Launch parameters of the M <= 16 kernel: [BN, BK] tiles (BK capped by the group), and
     enough K-splits that about ``waves`` programs per SM stream at once (so every SM has
     loads in flight while the last ones finish), keeping at least ``min_tiles`` K-tiles per split.
@@ -210,6 +217,14 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
     of the fastest for W8A16 (BN=32 on 1 warp). wgmma with the converted tile staged in
     shared memory (``num_warps=4, A_REGS=False``) was 10-30% slower: it is bound by
     shared-memory traffic. 8 programs per SM cost 3-10%.
+
+    ``release``: under PDL, how many steps before the end of its stream a program releases
+    the next kernel (0: after the stream). bs=1 decode graph replay on an H100 (2026-11-23,
+    ms, after the stream / 2 steps early / 3 early): the int8 tiles (these defaults), 7B
+    W8A16 3.224 / 3.153 / 3.315 (4 early: 3.475); the 2-per-SM tiles (``FLOAT_TILES``, W8A8's),
+    Llama-1B 1.139 / 1.106 / 1.091, GPT-2 0.373 / 0.350 / 0.344, OPT-1.3B 1.438 / 1.429 /
+    1.441, 7B 4.990 / 4.943 / 4.961, 7B W8A8 3.227 / 3.157 / 3.123. Too early, and the next
+    kernel's programs take SM slots mid-stream.
     """
     BK = min(group, BK)
     bands, tiles = triton.cdiv(N, BN), K // BK
@@ -219,8 +234,10 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
         # A power of two: the kernel prefetches [BN, lines] at once (past the slice's end, the
         # lines of the next split, which its own program prefetches too).
         prefetch = triton.next_power_of_2(triton.cdiv(tiles, split)) if whole else SKINNY_PREFETCH
+    if SKINNY_RELEASE is not None:
+        release = SKINNY_RELEASE
     return dict(kind="skinny", BM=SKINNY_M, BN=BN, BK=BK, U=U, A_REGS=A_REGS, SPLIT_K=split, num_warps=num_warps,
-                num_stages=num_stages, PREFETCH=prefetch)
+                num_stages=num_stages, PREFETCH=prefetch, RELEASE=release)
 
 
 # Per (device, stream): one int32 arrival counter per n-band for the split-K kernel. Every
@@ -273,7 +290,7 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
 # a sweep on the H100 (2026-11-22, the 7B shapes at M = 1, `benchmarks.gemv --sweep
 # --sweep-bits 16`): 147 us for one layer's four GEMVs against 154 us with the int8 tiles,
 # 88-98% of copy bandwidth except the 4096x4096 o projection (77%).
-FLOAT_TILES = dict(num_warps=4, waves=2, A_REGS=False)
+FLOAT_TILES = dict(num_warps=4, waves=2, A_REGS=False, release=3)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
