@@ -73,8 +73,9 @@ class StepGraphs:
         self._capture()
 
     def _decode_ctx(self, b: int) -> BatchContext:
+        # every token of a decode step samples, in order: no row gather before the head
         return BatchContext(self.positions[:b], self.slots[:b], self.tables[:b], self.cu_decode[:b + 1],
-                            self.ctx_lens[:b], self.rows[:b])
+                            self.ctx_lens[:b], None)
 
     def _mixed_ctx(self, t: int) -> BatchContext:
         return BatchContext(self.positions[:t], self.slots[:t], self.tables, self.cu, self.ctx_lens, self.rows)

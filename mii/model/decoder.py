@@ -27,7 +27,7 @@ class BatchContext:
     block_tables: torch.Tensor   # [B, max_blocks] int32
     cu_seqlens_q: torch.Tensor   # [B + 1] int32
     context_lens: torch.Tensor   # [B] int32, KV length after this step
-    logits_indices: torch.Tensor  # [S] int64, rows of T whose next token is sampled
+    logits_indices: torch.Tensor | None  # [S] int64, rows of T whose next token is sampled; None: all, in order
 
 
 class Attention(nn.Module):
@@ -177,12 +177,15 @@ class DecoderModel(nn.Module):
             x, residual = layer(x, residual, ctx, ops, self.cos_sin, self.alibi)
         return x, residual
 
-    def head(self, x: torch.Tensor | Partial, residual: torch.Tensor, rows: torch.Tensor, ops: Ops,
+    def head(self, x: torch.Tensor | Partial, residual: torch.Tensor, rows: torch.Tensor | None, ops: Ops,
              float32: bool = True) -> torch.Tensor:
-        """Final norm and LM head on the given rows only: float32 logits, or in the model's
-        dtype (as the GEMM rounded them: no precision lost) for a caller that converts them
-        a few rows at a time, as prompt scoring does with a step's every token."""
-        x = x.rows(rows) if isinstance(x, Partial) else x[rows]
-        h, _ = add_norm(x, residual[rows], self.final_norm, ops)
+        """Final norm and LM head on the given rows only (None: every row, as a decode step
+        samples them all; its graph then holds no gather kernels): float32 logits, or in the
+        model's dtype (as the GEMM rounded them: no precision lost) for a caller that converts
+        them a few rows at a time, as prompt scoring does with a step's every token."""
+        if rows is not None:
+            x = x.rows(rows) if isinstance(x, Partial) else x[rows]
+            residual = residual[rows]
+        h, _ = add_norm(x, residual, self.final_norm, ops)
         logits = self.lm_head.logits(h)
         return logits.float() if float32 else logits
