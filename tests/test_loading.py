@@ -31,6 +31,23 @@ def test_gguf_file_is_converted_once_and_reused(default_model_dir, tmp_path):
     assert (default_model_dir / "config.json").is_file()
 
 
+def test_gguf_cache_key_follows_content_not_path(default_model_dir, tmp_path):
+    # A reinstall puts the same file at a new path with a new mtime: it must reuse the
+    # conversion (each copy is 0.5 GB), while a file with other weights must not.
+    import os
+    from mii.model.source import convert_gguf, default_model_gguf, gguf_fingerprint
+    copy = tmp_path / default_model_gguf().name
+    shutil.copyfile(default_model_gguf(), copy)
+    os.utime(copy, (1e9, 1e9))
+    assert convert_gguf(copy, default_model_dir.parent) == default_model_dir
+    with open(copy, "r+b") as f:  # other values in the last tensor's data
+        f.seek(-4096, os.SEEK_END)
+        tail = f.read(4096)
+        f.seek(-4096, os.SEEK_END)
+        f.write(bytes(b ^ 0x5A for b in tail))
+    assert gguf_fingerprint(copy) != gguf_fingerprint(default_model_gguf())
+
+
 def test_router_accepts_checkpoints_saved_without_the_base_prefix():
     # openai-community/gpt2 names its tensors "h.0.attn.c_attn.weight", without "transformer."
     r = WeightRouter(GPT2)

@@ -63,11 +63,29 @@ def _from_hub(repo_id: str) -> Path:
                          f"failed: {type(e).__name__}: {e}") from None
 
 
+# Bump when the conversion writes something different, so that old copies are not reused.
+_CONVERSION = 1
+
+
+def gguf_fingerprint(gguf: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """A key for the file's content, not its path: reinstalling the same GGUF (a new venv, a
+    new mtime) must reuse its conversion, not leave another copy of the model in the cache.
+    It hashes the size, the first and last MiB (the header names every tensor with its shape
+    and offset) and ``samples`` chunks spread over the rest: a few MB read at each start
+    instead of the whole file, and two checkpoints that differ in their weights differ there."""
+    size = gguf.stat().st_size
+    h = hashlib.sha256(f"gguf-v{_CONVERSION}:{size}".encode())
+    with open(gguf, "rb") as f:
+        for at, n in [(0, 1 << 20), (max(0, size - (1 << 20)), 1 << 20)] + [
+                (size * (i + 1) // (samples + 1), chunk) for i in range(samples)]:
+            f.seek(at)
+            h.update(f.read(n))
+    return h.hexdigest()[:12]
+
+
 def convert_gguf(gguf: Path, cache_dir: Path, show_progress: bool = True) -> Path:
     """Dequantize a GGUF checkpoint once into safetensors + config + tokenizer, and reuse it."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    out = cache_dir / f"{gguf.stem}-{key}"
+    out = cache_dir / f"{gguf.stem}-{gguf_fingerprint(gguf)}"
     if (out / "config.json").is_file():
         return out
     import torch
