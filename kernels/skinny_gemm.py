@@ -226,7 +226,9 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
     1.441, 7B 4.990 / 4.943 / 4.961, 7B W8A8 3.227 / 3.157 / 3.123. Too early, and the next
     kernel's programs take SM slots mid-stream.
     """
-    BK = min(group, BK)
+    BK = min(group & -group, BK)  # a power of two dividing the group, and so K (fp16: group = K)
+    if BK < 16:
+        raise ValueError(f"K={K} with groups of {group}: the kernel needs K tiles of at least 16")
     bands, tiles = triton.cdiv(N, BN), K // BK
     split = max(1, min(triton.cdiv(waves * sms, bands), tiles // min_tiles, triton.cdiv(tiles, U)))
     if prefetch is None:
@@ -271,6 +273,8 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
     xq = x_scale is not None
     if xq and (bits != 8 or scales.dim() != 1):
         raise ValueError("int8 x takes an int8 weight with one scale per row")
+    if K % cfg["BK"]:  # the loop covers K // BK whole tiles: a ragged K would lose its tail
+        raise ValueError(f"K={K} is not a multiple of the tile's BK={cfg['BK']}")
     cfg = dict(cfg)
     split = cfg.pop("SPLIT_K")
     n_bands = triton.cdiv(N // 2, cfg["BN"] // 2) if gated else triton.cdiv(N, cfg["BN"])

@@ -28,7 +28,9 @@ def decode_sized(x: torch.Tensor) -> bool:
 
 
 def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return DecodeGemv.enabled and decode_sized(x) and weight.dtype == x.dtype and weight.stride(-1) == 1
+    # K tiles are powers of two from 16 up (SmolLM2's 576 inputs take tiles of 64)
+    return (DecodeGemv.enabled and decode_sized(x) and weight.dtype == x.dtype and weight.stride(-1) == 1
+            and x.shape[-1] % 16 == 0)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
