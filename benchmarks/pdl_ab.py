@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kernels import pdl, skinny_gemm
+from mii.model.fold import FoldNorms
 from mii.model.layers import DecodeGemv
 
 from . import ours
@@ -43,7 +44,8 @@ def replay_ms(eng, batch: int, ctx: int = 192, iters: int = 100) -> float:
 
 
 def run(name: str, root: Path, modes: list[str], variants: list[str], prefetch: list[int],
-        engine_batches: list[int], whole_mb: list[float] = (0.0,), release: list[int | None] = (None,)) -> dict:
+        engine_batches: list[int], whole_mb: list[float] = (0.0,), release: list[int | None] = (None,),
+        fold: list[int] = (1,)) -> dict:
     path, model = build(name, root)
     wb = weight_bytes(model)
     del model
@@ -51,8 +53,10 @@ def run(name: str, root: Path, modes: list[str], variants: list[str], prefetch: 
     out = {"model": name, "device": torch.cuda.get_device_name(), "weight_bytes": wb,
            "copy_bw_gb_s": copy_bandwidth() / 1e9, "pdl_supported": pdl.supported(torch.device("cuda")), "rows": []}
     defaults = skinny_gemm.SKINNY_PREFETCH, skinny_gemm.SKINNY_PREFETCH_WHOLE_BYTES, skinny_gemm.SKINNY_RELEASE
-    cases = ((m, v, p, w, r) for m in modes for v in variants for p in prefetch for w in whole_mb for r in release)
-    for mode, v, p, w, r in cases:
+    cases = ((m, v, p, w, r, f) for m in modes for v in variants for p in prefetch for w in whole_mb for r in release
+             for f in fold)
+    for mode, v, p, w, r, f in cases:
+        FoldNorms.enabled = bool(f)
         skinny_gemm.SKINNY_PREFETCH = p
         skinny_gemm.SKINNY_PREFETCH_WHOLE_BYTES = int(w * 2**20)
         skinny_gemm.SKINNY_RELEASE = r
@@ -61,7 +65,8 @@ def run(name: str, root: Path, modes: list[str], variants: list[str], prefetch: 
         pdl.set_enabled(use_pdl)
         eng, startup = ours.make_engine(path, quantize=None if mode == "fp16" else mode)
         ours.decode(eng, 1, new_tokens=16)  # warm the engine path once
-        row = {"mode": mode, "variant": v, "prefetch": p, "prefetch_whole_mb": w, "release": r, "startup_s": startup,
+        row = {"mode": mode, "variant": v, "prefetch": p, "prefetch_whole_mb": w, "release": r, "fold": f,
+               "folds": eng.runner.model.fold_norms and bool(f), "startup_s": startup,
                "bs1_ms": replay_ms(eng, 1), "bs8_ms": replay_ms(eng, 8)}
         for b in engine_batches:  # the whole engine step, host included
             d = ours.decode(eng, b)
@@ -71,7 +76,7 @@ def run(name: str, root: Path, modes: list[str], variants: list[str], prefetch: 
         eng.shutdown()
         del eng
         torch.cuda.empty_cache()
-    DecodeGemv.enabled = True
+    DecodeGemv.enabled = FoldNorms.enabled = True
     pdl.set_enabled(True)
     skinny_gemm.SKINNY_PREFETCH, skinny_gemm.SKINNY_PREFETCH_WHOLE_BYTES, skinny_gemm.SKINNY_RELEASE = defaults
     return out
@@ -90,12 +95,15 @@ def main() -> None:
     ap.add_argument("--release", type=int, nargs="+", default=[None],
                     help="GEMV programs release the next kernel this many steps before their stream ends "
                          "(0: after it; default: each tile kind's own; one engine per value)")
+    ap.add_argument("--fold", type=int, nargs="+", default=[1],
+                    help="1/0: decode steps fold the norms into the linears or not (mii/model/fold.py; "
+                         "one engine per value, in the order given, so 1 0 1 0 alternates)")
     ap.add_argument("--engine-batches", type=int, nargs="*", default=[],
                     help="also time the engine's decode at these batch sizes (host work included)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         res = run(args.model, Path(tmp), args.quantize, args.variants, args.prefetch, args.engine_batches,
-                  args.prefetch_whole_mb, args.release)
+                  args.prefetch_whole_mb, args.release, args.fold)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"pdl-{args.model}.json").write_text(json.dumps(res, indent=1))
 

@@ -43,6 +43,48 @@ def norm_row(h, w, b, mask, N, eps, HAS_BIAS: tl.constexpr, RMS: tl.constexpr):
     return y
 
 
+# -- a norm folded into the decode GEMVs around it (kernels/skinny_gemm.py, mii/model/fold.py)
+# The GEMV before the norm adds the residual in its epilogue and leaves, per band of its
+# output columns and per row, two float32 statistics of h; the GEMVs after it, whose weights
+# hold the norm's weight (and bias), stream h itself and sum the bands' statistics in a fixed
+# order to scale their output rows. Stats layout: [bands, 2, M].
+
+@triton.jit
+def band_stats(h, cols_ok, RMS: tl.constexpr):
+    """Statistics of a band of h^T [cols, rows] (float32), per row: RMS (sum h^2, 0); else
+    (sum h, sum (h - band mean)^2), which merge stably across bands (Chan et al.)."""
+    hf = tl.where(cols_ok[:, None], h, 0.0)
+    if RMS:
+        a = tl.sum(hf * hf, 0)
+        b = tl.zeros_like(a)
+    else:
+        n = tl.sum(cols_ok.to(tl.float32), 0)
+        a = tl.sum(hf, 0)
+        d = tl.where(cols_ok[:, None], hf - a[None, :] / n, 0.0)
+        b = tl.sum(d * d, 0)
+    return a, b
+
+
+@triton.jit
+def row_stats(st_ptr, n_bands, band, K, M, eps, rm, RMS: tl.constexpr, NB: tl.constexpr):
+    """(mean, rstd) per row rm of h [M, K] from the bands' statistics (NB >= n_bands, a
+    power of two); the sums run in the same order in every program."""
+    b = tl.arange(0, NB)
+    ok = (b[:, None] < n_bands) & (rm[None, :] < M)
+    ptrs = st_ptr + b[:, None] * 2 * M + rm[None, :]
+    a = tl.load(ptrs, mask=ok, other=0.0)
+    if RMS:
+        var = tl.sum(a, 0) / K
+        mean = var * 0.0
+    else:
+        m2 = tl.load(ptrs + M, mask=ok, other=0.0)
+        n = tl.minimum(tl.maximum(K - b * band, 0), band).to(tl.float32)[:, None]
+        mean = tl.sum(a, 0) / K
+        dm = tl.where(ok, a / tl.maximum(n, 1.0) - mean[None, :], 0.0)
+        var = tl.sum(m2 + n * dm * dm, 0) / K
+    return mean, 1.0 / tl.sqrt(var + eps)
+
+
 @triton.jit
 def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
                      stride_x, stride_r, stride_y, stride_h,

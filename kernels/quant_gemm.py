@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .activation import bias_act, split_kind
 from .dequant import dequant4, dequant8
-from .skinny_gemm import SKINNY_M, _num_sms, skinny_config, skinny_gemm
+from .skinny_gemm import SKINNY_M, RowNorm, _num_sms, _rows2, residual_stats, skinny_config, skinny_gemm
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -123,12 +123,14 @@ def default_config(M: int, N: int, K: int, group: int, bits: int, device: torch.
 
 
 def wxa16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-               bits: int, config: dict | None = None, act: str | None = None) -> torch.Tensor:
+               bits: int, config: dict | None = None, act: str | None = None,
+               residual: torch.Tensor | None = None, rms: bool = True, norm: RowNorm | None = None):
     """Triton y = x @ dequant(W)^T + bias for x [..., K] in fp16/bf16 (fp32 works, as tf32 on GPU).
 
     ``bits`` is 8 or 4; ``config`` overrides :func:`default_config` (benchmarks sweep it).
     ``act``: y = bias_act(x @ dequant(W)^T, bias, act), in the decode kernel's epilogue where
-    it runs (N / 2 columns for a gated kind).
+    it runs (N / 2 columns for a gated kind). ``residual``, ``rms`` and ``norm``: a norm folded
+    into the decode kernel, as ``kernels.skinny_gemm.skinny_linear`` takes them (decode only).
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -141,9 +143,12 @@ def wxa16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
+    fold = residual is not None or norm is not None
+    if fold and (M > SKINNY_M or config is not None and config["kind"] != "skinny"):
+        raise ValueError(f"a folded norm runs in the decode kernel only (at most {SKINNY_M} rows), got M={M}")
     if act is not None and (M > SKINNY_M or config is not None and config["kind"] != "skinny"):
         return bias_act(wxa16_gemm(x, qweight, scales, None, bits, config), bias, act)  # no epilogue there
-    if M >= DEQUANT_MIN_M and config is None and x.is_cuda and x.dtype != torch.float32:
+    if M >= DEQUANT_MIN_M and not fold and config is None and x.is_cuda and x.dtype != torch.float32:
         # Prefill: the fused kernel ran a 4,096-token 7B prefill at 0.43x fp16 (H100,
         # 2026-11-22). Dequantizing the weight once for the step and calling cuBLAS costs
         # one extra pass over the weight, small against M rows of matmul.
@@ -155,16 +160,19 @@ def wxa16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
         raise ValueError(f"block K={cfg['BK']} must divide group size {group}")
     n_out = N // 2 if act is not None and split_kind(act)[1] else N
     y = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    stats = residual_stats(y, cfg) if residual is not None else None
     if M == 0:
         pass
     elif kind == "skinny":
-        skinny_gemm(x2, qweight, scales, bias, y, bits, group, cfg, act)
+        skinny_gemm(x2, qweight, scales, bias, y, bits, group, cfg, act, residual=_rows2(residual, N), stats=stats,
+                    rms=rms, norm=norm)
     else:
         grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
         _gemm_kernel[grid](x2, qweight, scales, bias if bias is not None else scales, y, M, N, K, x2.stride(0),
                            qweight.stride(0), scales.stride(0), scales.stride(1), N, GROUP=group, BITS=bits,
                            HAS_BIAS=bias is not None, ASM=x.is_cuda, **cfg)
-    return y.reshape(*x.shape[:-1], n_out)
+    y = y.reshape(*x.shape[:-1], n_out)
+    return y if residual is None else (y, stats, cfg["BN"])
 
 
 def w8a16_gemm(x, qweight, scales, bias=None, config=None):

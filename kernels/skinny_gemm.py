@@ -12,6 +12,7 @@ before waiting for the kernel before it, since the weights do not depend on that
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -20,16 +21,21 @@ import triton.language as tl
 from . import pdl
 from .activation import _act, split_kind
 from .dequant import dequant4, dequant8, prefetch_l2
+from .norm import band_stats, row_stats
 from .pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
 def _epilogue(acc, b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-              GATED: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+              GATED: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, res, st_ptr, RES: tl.constexpr,
+              RMS: tl.constexpr):
     """Store a band's y^T [BN, BM]: plus the bias, and with ACT through the activation as
     ``kernels.activation.bias_act`` does it (bias added and result rounded in the output dtype),
     so a decode step's MLP runs no separate activation kernel. GATED: the band's rows are
-    gate/up pairs (see the kernel); the output has N / 2 columns."""
+    gate/up pairs (see the kernel); the output has N / 2 columns. RES: y is rounded, then
+    the residual ``res`` (the band's [BN, BM], loaded by the caller) is added in the output
+    dtype as ``kernels.norm.add_norm`` adds it, and the band's statistics of that sum go to
+    st_ptr for the norm that the next GEMVs fold in."""
     dt: tl.constexpr = y_ptr.dtype.element_ty
     if GATED:
         I = N // 2
@@ -52,6 +58,12 @@ def _epilogue(acc, b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym, HAS_BIAS: tl.co
         elif HAS_BIAS:
             y += tl.load(b_ptr + rn).to(tl.float32)[:, None]
         n_out = N
+        if RES:
+            y = y.to(dt) + res
+            a, b = band_stats(y.to(tl.float32), on < N, RMS)
+            st = st_ptr + pid_n * 2 * M + rm
+            tl.store(st, a, mask=rm < M)
+            tl.store(st + M, b, mask=rm < M)
     tl.store(y_ptr + rm[None, :] * stride_ym + on[:, None], y.to(dt), mask=(on[:, None] < n_out) & (rm[None, :] < M))
 
 
@@ -69,16 +81,31 @@ def _scaled(acc, xs_ptr, ws_ptr, rn, rm, M, XQ: tl.constexpr):
     return out
 
 
+@triton.jit
+def _normed(acc, mean, rstd, c_ptr, rn, NORM: tl.constexpr, RMS: tl.constexpr):
+    """NORM: y^T [BN, BM] of the normalized x from the sums over h itself (see the kernel)."""
+    if NORM:
+        if RMS:
+            out = acc * rstd[None, :]
+        else:
+            out = (acc - mean[None, :] * tl.load(c_ptr + rn)[:, None]) * rstd[None, :]
+    else:
+        out = acc
+    return out
+
+
 # M, SPLIT_K and the scale stride stay runtime values: one compiled kernel per tile config
 # serves every decode batch size, split and layer (down_proj's K/128 = 86 is no multiple of 16).
 @triton.jit(do_not_specialize=["M", "stride_sn", "stride_sg", "SPLIT_K"])
 def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr, M, N, K, NP,
                    stride_xm, stride_wn, stride_sn, stride_sg, stride_ym, SPLIT_K,
+                   r_ptr, st_ptr, c_ptr, n_bands, band, eps,
                    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, U: tl.constexpr, A_REGS: tl.constexpr,
                    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
                    ACT: tl.constexpr = "", GATED: tl.constexpr = False, XQ: tl.constexpr = False,
-                   RELEASE: tl.constexpr = 0):
+                   RELEASE: tl.constexpr = 0, RES: tl.constexpr = False, NORM: tl.constexpr = False,
+                   RMS: tl.constexpr = True, NB: tl.constexpr = 1):
     # Program (pid_n, pid_k) streams weight rows [pid_n*BN, +BN) over its share of K in
     # steps of U [BN, BK] tiles side by side along K (U > 1 reads longer runs of each row at
     # once; on the H100 it measured no faster than U = 1, the default). Loads are 16 bytes
@@ -89,6 +116,13 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
     # both halves of its outputs for the activation epilogue. XQ (W8A8): x is int8 too, with
     # one scale per row in xs_ptr, and the weight has one scale per row (s_ptr [N]): the
     # integer tensor cores sum exactly in int32, and the scales come once, in the epilogue.
+    # RES and NORM fold a residual-add norm into the GEMVs around it (kernels/norm.py): RES
+    # adds the residual r [M, N] to y and leaves the band statistics in st_ptr; NORM takes x
+    # as the un-normed sum h, with the norm's weight already in W's columns, and scales the
+    # sums of each row by its rstd from the statistics that n_bands bands of ``band`` columns
+    # left, after taking out mean * (the row sums of W, at c_ptr) for a layer norm.
+    # Normalizing x tile by tile instead cost 4.8 us per GEMV (1B gate_up, H100): wgmma's
+    # x operand could no longer go straight from global to shared memory.
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     if GATED:
         slot = tl.arange(0, BN)
@@ -115,6 +149,15 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
         prefetch_l2(w_ptr + rn[:, None] * stride_wn + (first + tl.minimum(lines, tiles * KB - first - 1))[None, :])
     if PDL:
         gdc_wait()
+    res = tl.zeros((BN, BM), dt)
+    if RES:  # loaded now, so its latency hides behind the stream rather than the tail
+        on = pid_n * BN + tl.arange(0, BN)
+        res = tl.load(r_ptr + rm[None, :] * stride_ym + on[:, None], mask=(on[:, None] < N) & (rm[None, :] < M),
+                      other=0.0)
+    mean = tl.zeros((BM,), tl.float32)
+    rstd = mean
+    if NORM:  # loaded now, so its latency hides behind the stream rather than the tail
+        mean, rstd = row_stats(st_ptr, n_bands, band, K, M, eps, rm, RMS, NB)
     if XQ:
         acc = tl.zeros((BN, BM), tl.int32)
     else:
@@ -178,12 +221,12 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
             total = tl.zeros_like(acc)
             for i in range(SPLIT_K):
                 total += tl.load(p_ptrs + i * M * NP, mask=pmask, other=0, cache_modifier=".cg")
-            _epilogue(_scaled(total, xs_ptr, s_ptr, rn, rm, M, XQ), b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym,
-                      HAS_BIAS, ACT, GATED, BN, BM)
+            _epilogue(_normed(_scaled(total, xs_ptr, s_ptr, rn, rm, M, XQ), mean, rstd, c_ptr, rn, NORM, RMS), b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym,
+                      HAS_BIAS, ACT, GATED, BN, BM, res, st_ptr, RES, RMS)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
     else:
-        _epilogue(_scaled(acc, xs_ptr, s_ptr, rn, rm, M, XQ), b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym,
-                  HAS_BIAS, ACT, GATED, BN, BM)
+        _epilogue(_normed(_scaled(acc, xs_ptr, s_ptr, rn, rm, M, XQ), mean, rstd, c_ptr, rn, NORM, RMS), b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym,
+                  HAS_BIAS, ACT, GATED, BN, BM, res, st_ptr, RES, RMS)
 
 
 @functools.cache
@@ -255,12 +298,29 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
     return locks
 
 
+class RowNorm(NamedTuple):
+    """A norm whose weight (and bias) were folded into the decode GEMV's weight (and bias), left
+    for the GEMV to finish (``mii/model/fold.py``): x is the residual stream h, ``stats``
+    [bands, 2, M] what the GEMV that wrote h left (``skinny_gemm``'s ``stats``), in bands of
+    ``band`` columns; a layer norm also takes ``row_sums`` [N] fp32, each weight row's sum."""
+
+    stats: torch.Tensor
+    band: int
+    eps: float
+    rms: bool
+    row_sums: torch.Tensor | None = None
+
+
 def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None,
-                x_scale: torch.Tensor | None = None) -> None:
+                x_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                stats: torch.Tensor | None = None, rms: bool = True, norm: RowNorm | None = None) -> None:
     """Launch the kernel on 2-D x2 into y; ``bits`` 16 (float weight, ``scales`` unused), 8 or
     4; ``cfg`` from :func:`skinny_config`, minus "kind". ``act``: a ``kernels.activation``
     kind applied, with the bias, in the epilogue; y is [M, N / 2] for a gated kind, else [M, N].
-    ``x_scale`` [M] fp32 (W8A8): x2 is int8, ``scales`` [N] one per weight row, bits 8."""
+    ``x_scale`` [M] fp32 (W8A8): x2 is int8, ``scales`` [N] one per weight row, bits 8.
+    ``residual`` [M, N]: y = x W^T + b + residual, and ``stats`` [bands, 2, M] fp32 (bands =
+    N / cfg's BN) receive its statistics for an RMS (``rms``) or layer norm. ``norm``: x2 is
+    normalized by it, its weight already in w (see :class:`RowNorm`)."""
     M, N, K = x2.shape[0], w.shape[0], x2.shape[1]
     if w.shape[1] * (2 if bits == 4 else 1) != K:
         raise ValueError(f"x has K={K} columns but the weight {tuple(w.shape)} takes "
@@ -273,21 +333,35 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
     xq = x_scale is not None
     if xq and (bits != 8 or scales.dim() != 1):
         raise ValueError("int8 x takes an int8 weight with one scale per row")
+    if residual is not None and (act is not None or stats is None or residual.shape != y.shape
+                                 or residual.stride() != y.stride()):
+        raise ValueError("a residual takes no activation, a stats buffer, and the output's shape and strides")
+    if norm is not None and (xq or norm.stats.shape[2] != M or (not norm.rms and norm.row_sums is None)):
+        raise ValueError(f"a folded norm needs float x, stats for its {M} rows, and row sums for a layer norm")
     if K % cfg["BK"]:  # the loop covers K // BK whole tiles: a ragged K would lose its tail
         raise ValueError(f"K={K} is not a multiple of the tile's BK={cfg['BK']}")
     cfg = dict(cfg)
     split = cfg.pop("SPLIT_K")
     n_bands = triton.cdiv(N // 2, cfg["BN"] // 2) if gated else triton.cdiv(N, cfg["BN"])
+    if residual is not None and tuple(stats.shape) != (n_bands, 2, M):
+        raise ValueError(f"stats must be [{n_bands}, 2, {M}], got {tuple(stats.shape)}")
     NP = n_bands * cfg["BN"]
     part = torch.empty((split, M, NP) if split > 1 else (1,), device=x2.device,
                        dtype=torch.int32 if xq else torch.float32)
     locks = _locks(x2.device, n_bands) if split > 1 else part
     stride_sn, stride_sg = (0, 0) if bits == 16 else (scales.stride(0), scales.stride(1) if scales.dim() == 2 else 0)
+    nrm = norm if norm is not None else RowNorm(part, 1, 0.0, rms)
+    st = stats if residual is not None else nrm.stats
     _skinny_kernel[(n_bands, split)](x2, w, scales, bias if bias is not None else w, y, part, locks,
                                      x_scale if xq else scales, M, N, K, NP, x2.stride(0), w.stride(0),
                                      stride_sn, stride_sg, y.stride(0), split,
-                                     GROUP=group, BITS=bits, HAS_BIAS=bias is not None, ASM=x2.is_cuda,
-                                     ACT=kind, GATED=gated, XQ=xq, **pdl.launch_args(x2.device), **cfg)
+                                     residual if residual is not None else y, st,
+                                     nrm.row_sums if nrm.row_sums is not None else part, nrm.stats.shape[0],
+                                     nrm.band, nrm.eps, GROUP=group, BITS=bits, HAS_BIAS=bias is not None, ASM=x2.is_cuda,
+                                     ACT=kind, GATED=gated, XQ=xq, RES=residual is not None, NORM=norm is not None,
+                                     RMS=nrm.rms,
+                                     NB=triton.next_power_of_2(nrm.stats.shape[0]), **pdl.launch_args(x2.device),
+                                     **cfg)
 
 
 # The fp16 weight's tiles: wgmma on 4 warps with about 2 programs per SM was the fastest in
@@ -298,10 +372,13 @@ FLOAT_TILES = dict(num_warps=4, waves=2, A_REGS=False, release=3)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: dict | None = None, act: str | None = None) -> torch.Tensor:
+                  config: dict | None = None, act: str | None = None, residual: torch.Tensor | None = None,
+                  rms: bool = True, norm: RowNorm | None = None):
     """y = x W^T + b for a float weight [N, K] and x [..., K] with at most 16 rows: the same
     weight-streaming kernel as W8A16 decode, so fp16 decode GEMMs join the PDL chain.
-    ``act``: y = bias_act(x W^T, b, act) in the same kernel (N / 2 columns for a gated kind)."""
+    ``act``: y = bias_act(x W^T, b, act) in the same kernel (N / 2 columns for a gated kind).
+    ``residual``: returns (y + residual, its band statistics for an RMS (``rms``) or layer
+    norm, their band width); ``norm``: x is normalized by it first (see :class:`RowNorm`)."""
     K, N = x.shape[-1], weight.shape[0]
     if weight.shape[1] != K or weight.dtype != x.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
@@ -312,8 +389,21 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError("weight rows must be contiguous")
     n_out = N // 2 if act is not None and split_kind(act)[1] else N
     y = torch.empty((x2.shape[0], n_out), device=x.device, dtype=x.dtype)
+    cfg = dict(config or skinny_config(N, K, K, _num_sms(x.device), **FLOAT_TILES))
+    cfg.pop("kind")
+    stats = None if residual is None else residual_stats(y, cfg)
     if x2.shape[0]:
-        cfg = dict(config or skinny_config(N, K, K, _num_sms(x.device), **FLOAT_TILES))
-        cfg.pop("kind")
-        skinny_gemm(x2, weight, weight, bias, y, 16, K, cfg, act)
-    return y.reshape(*x.shape[:-1], n_out)
+        skinny_gemm(x2, weight, weight, bias, y, 16, K, cfg, act, residual=_rows2(residual, N), stats=stats,
+                    rms=rms, norm=norm)
+    y = y.reshape(*x.shape[:-1], n_out)
+    return y if residual is None else (y, stats, cfg["BN"])
+
+
+def residual_stats(y: torch.Tensor, cfg: dict) -> torch.Tensor:
+    """The [bands, 2, M] float32 statistics buffer of a GEMV with a residual into y [M, N]."""
+    return torch.empty((triton.cdiv(y.shape[-1], cfg["BN"]), 2, y.numel() // y.shape[-1]), device=y.device,
+                       dtype=torch.float32)
+
+
+def _rows2(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1, n).contiguous()

@@ -77,7 +77,7 @@ def test_mixed_step_graphs_match_eager(tiny_model_dir):
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
-@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("mode", ["w8a16", "w4a16", "w8a8"])
 def test_cuda_quantized_decode_matches_reference_kernels(arch, mode, tiny_model_dir):
     """A quantized model's CUDA decode steps (the weight-streaming kernels, W8A8 on int8 x
     with the activation in the up projection's epilogue, CUDA graphs) against the same

@@ -60,7 +60,7 @@ def make_tokenizer(out: Path):
     return fast
 
 
-def make_tiny_model(arch: str, out: str | os.PathLike, seed: int = 0) -> Path:
+def make_tiny_model(arch: str, out: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """Save a random-init model of ``arch`` with our tiny tokenizer under ``out``."""
     import transformers
 
@@ -69,6 +69,8 @@ def make_tiny_model(arch: str, out: str | os.PathLike, seed: int = 0) -> Path:
         return out
     config = _configs()[arch]
     config.architectures = [arch]
+    for k, v in overrides.items():  # e.g. tie_word_embeddings=False
+        setattr(config, k, v)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
     with torch.no_grad():  # random biases and norm weights too, so nothing is trivially zero/one

@@ -8,6 +8,7 @@ import torch
 
 from mii.config import EngineConfig
 from mii.model.decoder import BatchContext, DecoderModel
+from mii.model.fold import fold_norm_weights
 from mii.model.loader import load_model
 from mii.model.ops import ops_for
 from mii.model.quant import check_quant_args, quantize_model, saved_quantization
@@ -52,6 +53,9 @@ class ModelRunner:
         model = load_model(path, self.spec, self.dtype, self.device, self.config.show_progress)
         if mode is not None and saved is None:
             quantize_model(model, mode, self.config.quant_group_size, self.spec.policy.quantizable)
+        if mode is None and saved is None and model.foldable():  # fp16/bf16 decode folds its norms
+            fold_norm_weights(model)
+            model.fold_norms = True
         return model
 
     def _num_blocks(self) -> int:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from mii.policies.base import ModelSpec, alibi_slopes
+from .fold import Folded, Normed, step_folds
 from .layers import GatedUpLinear, Linear, Norm, PositionEmbedding, QKVLinear, VocabEmbedding
 from .ops import Ops
 from .parallel import TP, Partial
@@ -40,10 +41,12 @@ class Attention(nn.Module):
         self.rotary_dim = spec.rotary_dim
         self.interleaved = spec.policy.rotary_interleaved
         self.window = spec.sliding_window
+        self.rms = spec.policy.norm == "rms"  # the kind of norm that follows (a folded norm's statistics)
         self.k_cache = self.v_cache = torch.empty(0)  # bound by the model runner
 
-    def forward(self, x: torch.Tensor, ctx: BatchContext, ops: Ops, cos_sin, alibi,
-                defer: bool = False) -> torch.Tensor | Partial:
+    def forward(self, x: torch.Tensor | Normed, ctx: BatchContext, ops: Ops, cos_sin, alibi,
+                defer: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor | Partial | Folded:
+        """``residual``: the o projection adds it and returns :class:`Folded` (fold.py)."""
         qkv = self.qkv(x)  # x may be an int8 activation (W8A8), so the shape comes from qkv
         T, D = qkv.shape[0], self.head_dim
         sizes = [self.heads * D, self.kv_heads * D, self.kv_heads * D]
@@ -57,7 +60,8 @@ class Attention(nn.Module):
             q = ops.rotary_cache(q, k, v, *cache_args)
             o = ops.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.cu_seqlens_q,
                                     ctx.context_lens, self.scale, alibi, self.window)
-        return self.o(o.reshape(T, self.heads * D), defer=defer)
+        o = o.reshape(T, self.heads * D)
+        return self.o(o, defer=defer) if residual is None else self.o(o, residual=residual, rms=self.rms)
 
 
 class MLP(nn.Module):
@@ -69,8 +73,12 @@ class MLP(nn.Module):
             self.up = Linear(spec.hidden, spec.intermediate, spec.mlp_bias, "column", dtype, fuse_bias=False)
         self.down = Linear(spec.intermediate, spec.hidden, spec.mlp_bias, "row", dtype)
         self.act = spec.activation
+        self.rms = spec.policy.norm == "rms"
 
-    def forward(self, x: torch.Tensor, ops: Ops, defer: bool = False) -> torch.Tensor | Partial:
+    def forward(self, x: torch.Tensor | Normed, ops: Ops, defer: bool = False,
+                residual: torch.Tensor | None = None) -> torch.Tensor | Partial | Folded:
+        if residual is not None:  # a folded norm on each side (fold.py): decode on the GPU
+            return self.down(self.up(x, act=self.act), residual=residual, rms=self.rms)
         if ops.backend == "triton" and self.up.fuses_act(x):  # decode: the activation rides in up's GEMV
             return self.down(self.up(x, act=self.act), defer=defer)
         return self.down(ops.bias_act(self.up(x), self.up.bias, self.act), defer=defer)
@@ -88,11 +96,18 @@ class Block(nn.Module):
         self.ln2 = None if p.shared_input_norm else Norm(spec.hidden, rms, spec.eps, dtype)
         self.mlp = MLP(spec, dtype)
 
-    def forward(self, x, residual, ctx: BatchContext, ops: Ops, cos_sin, alibi):
+    def forward(self, x, residual, ctx: BatchContext, ops: Ops, cos_sin, alibi, fold: bool = False):
         """x: the previous block's output, or its :class:`Partial` under TP (reduced by the norm
-        here); returns this block's the same way."""
-        first = (self.attn.qkv, self.mlp.up) if self.shared_norm else (self.attn.qkv,)
-        h, residual = self.norm(x, residual, self.ln1, ops, *first)
+        here); returns this block's the same way. ``fold``: the norms run inside the linears
+        (fold.py), and the block returns (:class:`Folded`, None): x + residual is already summed."""
+        if isinstance(x, Folded):
+            h, residual = x.normed(self.ln1), x.h
+        else:
+            first = (self.attn.qkv, self.mlp.up) if self.shared_norm else (self.attn.qkv,)
+            h, residual = self.norm(x, residual, self.ln1, ops, *first)
+        if fold:
+            a = self.attn(h, ctx, ops, cos_sin, alibi, residual=residual)
+            return self.mlp(a.normed(self.ln2), ops, residual=a.h), None
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x)); GPT-J reuses ln1's output
             a = self.attn(h, ctx, ops, cos_sin, alibi)
             if not self.shared_norm:
@@ -139,6 +154,17 @@ class DecoderModel(nn.Module):
         self.lm_head = self.embed if spec.tied else VocabEmbedding(spec.vocab, spec.hidden, dtype, p.lm_head_bias)
         self.cos_sin: torch.Tensor | None = None
         self.alibi: torch.Tensor | None = None
+        self.fold_norms = False  # decode steps fold the norms into the linears (fold.py)
+        self.head_folded = False  # the final norm's weights are in the LM head's (fold.py)
+
+    def foldable(self) -> bool:
+        """Whether decode steps can fold the norms into the linears (fold.py): one rank,
+        sequential residual blocks, and every linear an fp16/bf16 one on the decode kernel.
+        The model runner asks once the model is loaded (and quantized, which rules it out)."""
+        if TP.size > 1 or self.spec.parallel_residual or self.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        linears = [m for b in self.layers for m in (b.attn.qkv, b.attn.o, b.mlp.up, b.mlp.down)]
+        return all(getattr(m, "folds", False) for m in linears) and self.spec.hidden % 16 == 0
 
     def init_buffers(self, device: torch.device) -> None:
         """Position tables, computed (not loaded) once the model sits on its device."""
@@ -163,7 +189,7 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops, float32: bool = True) -> torch.Tensor:
         """Logits for the rows ``ctx.logits_indices`` ([S, vocab]; see :meth:`head`)."""
-        x, residual = self._blocks(input_ids, ctx, ops)
+        x, residual = self._blocks(input_ids, ctx, ops, fold=True)
         return self.head(x, residual, ctx.logits_indices, ops, float32)
 
     def hidden(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,10 +197,12 @@ class DecoderModel(nn.Module):
         x, residual = self._blocks(input_ids, ctx, ops)
         return (x.reduced() if isinstance(x, Partial) else x), residual
 
-    def _blocks(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops):
+    def _blocks(self, input_ids: torch.Tensor, ctx: BatchContext, ops: Ops, fold: bool = False):
+        """``fold``: a decode step may fold its norms (its output is then :class:`Folded`)."""
+        fold = fold and self.fold_norms and ops.backend == "triton" and step_folds(input_ids)
         x, residual = self.embed_input(input_ids, ctx.positions, ops), None
         for layer in self.layers:
-            x, residual = layer(x, residual, ctx, ops, self.cos_sin, self.alibi)
+            x, residual = layer(x, residual, ctx, ops, self.cos_sin, self.alibi, fold)
         return x, residual
 
     def head(self, x: torch.Tensor | Partial, residual: torch.Tensor, rows: torch.Tensor | None, ops: Ops,
@@ -183,6 +211,12 @@ class DecoderModel(nn.Module):
         samples them all; its graph then holds no gather kernels): float32 logits, or in the
         model's dtype (as the GEMM rounded them: no precision lost) for a caller that converts
         them a few rows at a time, as prompt scoring does with a step's every token."""
+        if isinstance(x, Folded):
+            x = x if rows is None else x.rows(rows)
+            if self.head_folded:  # the final norm runs in the LM head's GEMV
+                logits = self.lm_head.logits(x.normed(self.final_norm))
+                return logits.float() if float32 else logits
+            x, residual, rows = x.h, None, None
         if rows is not None:
             x = x.rows(rows) if isinstance(x, Partial) else x[rows]
             residual = residual[rows]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from kernels.skinny_gemm import SKINNY_M, skinny_linear
 
+from .fold import Folded, Normed
 from .parallel import TP, Partial, all_gather_last_dim, all_reduce, split
 
 
@@ -85,14 +86,26 @@ class Linear(nn.Module):
         a column-split (or whole) layer, whose outputs are this rank's to activate."""
         return self.kind != "row" and _skinny(x, self.weight)
 
-    def forward(self, x: torch.Tensor, act: str | None = None, defer: bool = False) -> torch.Tensor | Partial:
+    @property
+    def folds(self) -> bool:
+        """Whether a decode step can fold norms into this layer (``mii/model/fold.py``)."""
+        return self.weight.dtype in (torch.float16, torch.bfloat16) and self.in_features % 16 == 0
+
+    def forward(self, x: torch.Tensor | Normed, act: str | None = None, defer: bool = False,
+                residual: torch.Tensor | None = None, rms: bool = True) -> torch.Tensor | Partial | Folded:
         """``act``: a ``kernels.activation`` kind; the layer returns ``bias_act(x W^T, bias, act)``
         from its decode kernel's epilogue (when :meth:`fuses_act` says it can), so a decode
         step's MLP runs no separate activation kernel. ``defer``: a row-parallel layer under
-        TP returns its :class:`Partial` output, for the norm after it to reduce."""
+        TP returns its :class:`Partial` output, for the norm after it to reduce. A folded norm
+        (decode, one rank): x may be :class:`Normed`, and with ``residual`` the layer returns
+        :class:`Folded` statistics for an RMS (``rms``) or layer norm."""
         if act is not None and self.kind == "row":
             raise ValueError("a row-parallel linear's outputs are partial sums: it cannot apply an activation")
         bias = self.bias if self.fuse_bias or act is not None else None
+        if isinstance(x, Normed) or residual is not None:
+            h, norm = (x.h, x.row_norm(self)) if isinstance(x, Normed) else (x, None)
+            out = skinny_linear(h, self.weight, bias, act=act, residual=residual, rms=rms, norm=norm)
+            return Folded(*out) if residual is not None else out
         if self.kind == "row" and TP.size > 1:
             y = Partial(linear(x, self.weight), bias)
             return y if defer else y.reduced()
@@ -179,7 +192,9 @@ class VocabEmbedding(nn.Module):
         out = F.embedding(local.clamp(0, self.per_rank - 1), self.weight) * mine[:, None]
         return all_reduce(out)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor | Normed) -> torch.Tensor:
+        if isinstance(h, Normed):  # a folded final norm (one rank)
+            return skinny_linear(h.h, self.weight, self.bias, norm=h.row_norm(self))[..., : self.vocab]
         out = linear(h, self.weight, self.bias)
         return all_gather_last_dim(out)[..., : self.vocab]
 
