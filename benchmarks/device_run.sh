@@ -10,8 +10,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/mii-bench}
 mkdir -p "$OUT"
 if [ -z "$SKIP_GPU_TESTS" ]; then
-  timeout 420 python -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu.py tests/test_kernels_gpu.py \
-    tests/test_quant_kernels_gpu.py 2>&1 | grep -v "^\s*$" | tail -25 | tee "$OUT/gpu_tests.txt"
+  timeout 560 python -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_shapes.py \
+    tests/test_kernels_gpu.py tests/test_quant_kernels_gpu.py 2>&1 | grep -v "^\s*$" | tail -25 | tee "$OUT/gpu_tests.txt"
 fi
 for spec in "$@"; do
   name=${spec%%:*}

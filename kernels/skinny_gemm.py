@@ -285,16 +285,28 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
                 num_stages=num_stages, PREFETCH=prefetch, RELEASE=release)
 
 
-# Per (device, stream): one int32 arrival counter per n-band for the split-K kernel. Every
-# launch leaves them at zero again, and kernels on one stream never overlap.
-_LOCKS: dict[tuple, torch.Tensor] = {}
+# Per device: one int32 arrival counter per n-band for the split-K kernel. Every launch leaves
+# them at zero, so they are zeroed once, at allocation, and never by the host again. They
+# must live outside every CUDA graph's memory pool: a buffer allocated during a capture (as
+# a per-stream buffer once was, for the capture stream) took pool memory that an earlier
+# graph's intermediates also use, so replaying that graph (a mixed prefill step) scribbled
+# on the counters, and the next decode step's bands were reduced by the wrong program
+# (garbage logits for bloom-560m at bs=3 on an H100). As decode attention's merge counters.
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown buffers: graphs captured with them still use them
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
-    key = (device.index, torch.cuda.current_stream(device).stream_id) if device.type == "cuda" else (device.type,)
-    locks = _LOCKS.get(key)
+    """At least n zeroed counters. Growing allocates, which must not happen inside a CUDA-graph
+    capture; the model runner's eager warm-up before each capture sizes the buffer in time."""
+    locks = _LOCKS.get(device)
     if locks is None or locks.numel() < n:
-        locks = _LOCKS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the split-K GEMV needs {n} arrival counters on {device} during a CUDA-graph "
+                               f"capture but has {0 if locks is None else locks.numel()}: run the shape eagerly first")
+        if locks is not None:
+            _RETIRED.append(locks)
+        locks = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return locks
 
 

@@ -88,6 +88,38 @@ def test_skinny_in_cuda_graph(bits):
         assert rel(y, wxa16_gemm_ref(x, t["qweight"], t["scales"], None, bits)) < 2e-3
 
 
+def test_skinny_counters_survive_graphs_sharing_a_pool():
+    """The engine's graphs share one memory pool: memory one graph frees during its capture
+    serves the next capture, and the first graph's replays write there again. The split-K
+    arrival counters persist across launches, so no capture may allocate them (counters
+    allocated for the capture stream did: a mixed prefill graph's replay then overwrote them
+    and the next decode step's bands were never reduced; test_gpu_shapes caught it). Graph B,
+    captured after graph A in A's pool, must use the counters of the eager warm-up and still
+    give the right result after A's replays."""
+    from kernels import skinny_gemm
+
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.float16) * 0.02
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.float16)
+    skinny_linear(x, w)  # compiles, and sizes the counters outside any capture
+    torch.cuda.synchronize()
+    before = {t.data_ptr() for t in skinny_gemm._LOCKS.values()}
+    a, b = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(a):
+        junk = [torch.full((4096,), 7, dtype=torch.int32, device="cuda") for _ in range(80)]
+        stacked = torch.stack(junk)
+        del junk
+    with torch.cuda.graph(b, pool=a.pool()):
+        y = skinny_linear(x, w)
+    assert {t.data_ptr() for t in skinny_gemm._LOCKS.values()} == before
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        a.replay()
+        b.replay()
+        torch.cuda.synchronize()
+        assert bool((stacked == 7).all())
+        assert rel(y, F.linear(x.float(), w.float())) < 2e-3
+
+
 @pytest.mark.parametrize("M", [1, 8, 16])
 @pytest.mark.parametrize("N,K", [(12288, 4096), (4096, 11008), (128256, 2048), (768, 768)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -62,15 +62,21 @@ def make_tokenizer(out: Path):
 
 def make_tiny_model(arch: str, out: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """Save a random-init model of ``arch`` with our tiny tokenizer under ``out``."""
-    import transformers
-
     out = Path(out)
     if (out / "config.json").is_file():
         return out
     config = _configs()[arch]
-    config.architectures = [arch]
     for k, v in overrides.items():  # e.g. tie_word_embeddings=False
         setattr(config, k, v)
+    return save_random_model(config, arch, out, seed)
+
+
+def save_random_model(config, arch: str, out: str | os.PathLike, seed: int = 0) -> Path:
+    """Save a random-init ``arch`` model of ``config`` with our tiny tokenizer under ``out``."""
+    import transformers
+
+    out = Path(out)
+    config.architectures = [arch]
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
     with torch.no_grad():  # random biases and norm weights too, so nothing is trivially zero/one
