@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .counters import zeroed
 from .pdl import enter, gdc_launch_dependents, gdc_wait
 
 from .rotary import _rotary_lanes, _rotate_tile
@@ -240,27 +241,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
             tl.store(cnt_ptr + group, 0)  # clean for the next launch, with no host-side zeroing
 
 
-# Per device: int32 counters, one per (sequence, KV head), for the in-kernel merge. Every
-# launch leaves them at zero (the merging program resets its own), so they are zeroed once,
-# at allocation, and never by the host again: CUDA-graph replays find them clean too.
+# Per device: int32 counters, one per (sequence, KV head), for the in-kernel merge; the
+# merging program resets its own (kernels/counters.py).
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown buffers: graphs captured with them still use them
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n zeroed counters. Growing allocates, which must not happen inside a CUDA-graph
-    capture (the buffer would live in the graph's pool, and the captured zero-fill would
-    replay); the model runner's eager warm-up before each capture, largest shape first,
-    sizes the buffer in time."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode attention needs {n} merge counters on {device} during a CUDA-graph "
-                               f"capture but has {0 if buf is None else buf.numel()}: run the shape eagerly first")
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
+    return zeroed(_COUNTERS, device, n, 1024, "decode attention's merge")
 
 
 def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, **more) -> None:

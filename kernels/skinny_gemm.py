@@ -20,6 +20,7 @@ import triton.language as tl
 
 from . import pdl
 from .activation import _act, split_kind
+from .counters import zeroed
 from .dequant import dequant4, dequant8, prefetch_l2
 from .norm import band_stats, row_stats
 from .pdl import gdc_launch_dependents, gdc_wait
@@ -285,29 +286,15 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
                 num_stages=num_stages, PREFETCH=prefetch, RELEASE=release)
 
 
-# Per device: one int32 arrival counter per n-band for the split-K kernel. Every launch leaves
-# them at zero, so they are zeroed once, at allocation, and never by the host again. They
-# must live outside every CUDA graph's memory pool: a buffer allocated during a capture (as
-# a per-stream buffer once was, for the capture stream) took pool memory that an earlier
-# graph's intermediates also use, so replaying that graph (a mixed prefill step) scribbled
-# on the counters, and the next decode step's bands were reduced by the wrong program
-# (garbage logits for bloom-560m at bs=3 on an H100). As decode attention's merge counters.
+# Per device: one int32 arrival counter per n-band for the split-K kernel (kernels/counters.py).
+# Kept per (device, stream) once, the capture stream got a buffer inside the graphs' pool, and a
+# mixed prefill graph's replay overwrote it: the next decode step's bands were reduced by no
+# program or the wrong one (garbage logits for bloom-560m shapes at bs=3, H100, 2026-11-23).
 _LOCKS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown buffers: graphs captured with them still use them
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
-    """At least n zeroed counters. Growing allocates, which must not happen inside a CUDA-graph
-    capture; the model runner's eager warm-up before each capture sizes the buffer in time."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"the split-K GEMV needs {n} arrival counters on {device} during a CUDA-graph "
-                               f"capture but has {0 if locks is None else locks.numel()}: run the shape eagerly first")
-        if locks is not None:
-            _RETIRED.append(locks)
-        locks = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return locks
+    return zeroed(_LOCKS, device, n, 4096, "the split-K GEMV")
 
 
 class RowNorm(NamedTuple):
