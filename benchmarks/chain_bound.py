@@ -25,7 +25,7 @@ from mii.model import decoder
 
 from . import ours
 from .models import build, kv_bytes_per_step
-from .pdl_ab import replay_ms
+from .ours import replay_ms
 from .quant import weight_bytes_on_device
 from .run import copy_bandwidth
 

@@ -65,16 +65,49 @@ def decode(eng: LLMEngine, batch: int, prompt_len: int = 128, new_tokens: int = 
     torch.cuda.synchronize()
     steps = tokens = 0
     wait = _WaitClock(eng)
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
+    gaps = []  # wall time between two steps' returns: one token per sequence each, once steady
     while eng.has_unfinished():
         tokens += sum(len(o.token_ids) for o in eng.step())
         steps += 1
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
     t = time.perf_counter() - t0
     wait.detach(eng)
     per_seq = tokens / batch
+    gaps = sorted(gaps[1:-1])  # the first and last steps hold async scheduling's fill and drain
     # host_wait near 0: the host (scheduler, packing, launch, detokenizer) is the bottleneck
     return {"batch": batch, "ms_per_step": 1e3 * t / per_seq, "tok_s": tokens / t, "decode_steps": steps,
-            "host_wait_ms_per_step": 1e3 * wait.seconds / steps}
+            "host_wait_ms_per_step": 1e3 * wait.seconds / steps,
+            "step_p50_ms": 1e3 * gaps[len(gaps) // 2], "step_p99_ms": 1e3 * gaps[int(0.99 * (len(gaps) - 1))]}
+
+
+def best_decode(eng: LLMEngine, batch: int, runs: int = 3) -> dict:
+    """The fastest of ``runs`` decode runs (a host stall in one run moved the mean of 127
+    steps by more than a kernel change did), with every run's mean step kept beside it."""
+    results = [decode(eng, batch) for _ in range(runs)]
+    best = min(results, key=lambda r: r["ms_per_step"])
+    return {**best, "runs_ms_per_step": [r["ms_per_step"] for r in results]}
+
+
+def replay_ms(eng: LLMEngine, batch: int, ctx: int = 192, iters: int = 100) -> float:
+    """The GPU's share of a decode step: a bare replay of the batch's decode graph at a
+    ``ctx``-token context (no host work, no sampling or input copies between replays).
+    Leaves the graph's buffers as a one-token context; run it between requests only."""
+    g = eng.runner.graphs
+    key = ("decode", min(n for n in g.sizes if n >= batch))
+    g.ctx_lens[:batch].fill_(ctx)
+    for _ in range(10):
+        g.graphs[key].replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        g.graphs[key].replay()
+    end.record()
+    torch.cuda.synchronize()
+    g.ctx_lens.fill_(1)
+    return start.elapsed_time(end) / iters
 
 
 def ttft(eng: LLMEngine, prompt_len: int = 512, repeats: int = 5) -> float:

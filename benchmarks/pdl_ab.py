@@ -21,26 +21,11 @@ from mii.model.fold import FoldNorms
 from mii.model.layers import DecodeGemv
 
 from . import ours
+from .ours import replay_ms
 from .models import build, weight_bytes
 from .run import copy_bandwidth
 
 VARIANTS = {"cublas": (False, False), "cublas+pdl": (False, True), "gemv": (True, False), "gemv+pdl": (True, True)}
-
-
-def replay_ms(eng, batch: int, ctx: int = 192, iters: int = 100) -> float:
-    g = eng.runner.graphs
-    key = ("decode", min(n for n in g.sizes if n >= batch))
-    g.ctx_lens[:batch].fill_(ctx)
-    for _ in range(10):
-        g.graphs[key].replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.graphs[key].replay()
-    end.record()
-    torch.cuda.synchronize()
-    g.ctx_lens.fill_(1)
-    return start.elapsed_time(end) / iters
 
 
 def run(name: str, root: Path, modes: list[str], variants: list[str], prefetch: list[int],

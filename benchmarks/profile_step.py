@@ -48,17 +48,8 @@ def profile(name: str, root: Path, mode: str = "fp16") -> dict:
     ours.decode(eng, 1, new_tokens=16)
     step = ours.decode(eng, 1)
     g = eng.runner.graphs
-    key = ("decode", 1)
-    g.ctx_lens[:1].fill_(192)  # a context like the decode benchmark's
-    for _ in range(10):
-        g.graphs[key].replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(100):
-        g.graphs[key].replay()
-    end.record()
-    torch.cuda.synchronize()
-    replay_ms = start.elapsed_time(end) / 100
+    replay_ms = ours.replay_ms(eng, 1)
+    g.ctx_lens[:1].fill_(192)  # the eager forward below at the same context as the replays
     # kernels of one eager forward: the same kernels the graph holds, timed on the device
     ids, ctx = g.input_ids[:1], g._decode_ctx(1)
     with torch.inference_mode():
