@@ -83,12 +83,13 @@ def _w8a8_tma_kernel(x_desc, xs_ptr, w_desc, ws_ptr, b_ptr, y_ptr, M, N, K, stri
 
 
 # Decode tiles for int8 x int8 (``kernels/skinny_gemm.py``): wgmma on 4 warps, about 2
-# programs per SM, as for fp16 weights. On an H100 (2026-11-23, 7B shapes, M = 1) they gave
-# qkv 22.0, o 9.5, gate_up 33.6, down 19.5 us (78/60/91/78% of copy bandwidth; W8A16 23.8,
-# 11.6, 39.0, 23.1 in the same run). In a sweep over 6 tiles and 3 splits
-# (``benchmarks.gemv --sweep --sweep-bits 8x8``) only qkv had a clearly faster one: 20.1 us
-# with 32-row bands on one warp. Released 3 steps before their stream ends (skinny_config's
-# ``release``), the 7B W8A8 bs=1 step took 3.123 ms against 3.227 after it (2 early: 3.157).
+# programs per SM (the fp16 weights' tiles were these until 2026-11-23). On an H100
+# (2026-11-23, 7B shapes, M = 1) they gave qkv 22.0, o 9.5, gate_up 33.6, down 19.5 us
+# (78/60/91/78% of copy bandwidth; W8A16 23.8, 11.6, 39.0, 23.1 in the same run). In a sweep
+# over 6 tiles and 3 splits (``benchmarks.gemv --sweep --sweep-bits 8x8``) only qkv had a
+# clearly faster one: 20.1 us with 32-row bands on one warp. Released 3 steps before their
+# stream ends (skinny_config's ``release``; its gain was measured while the split-K counters
+# were broken). The fp16 weights' deeper one-wave tiles (``FLOAT_TILES``) were not tried here.
 DECODE_TILES = dict(num_warps=4, waves=2, A_REGS=False, release=3)
 
 

@@ -104,6 +104,21 @@ def test_skinny_linear_matches_linear(M, N, K, dtype, config):
     assert rel(y, ref) < 2e-3  # fp32 sums of the same products; fp16 output rounding is 2^-11
 
 
+def test_float_tiles_split_within_one_wave():
+    """The fp16 decode tiles (FLOAT_TILES) split K only as far as one wave of programs holds
+    and so that no program streams more than 8 tiles; the device's shared memory caps the
+    pipeline's stages (a [64, 256] fp16 tile and a [16, 256] x tile: 40 KB a stage)."""
+    from kernels.skinny_gemm import FLOAT_TILES
+    H100 = dict(sms=132, smem=232448)
+    qkv = skinny_config(3072, 2048, 2048, **H100, **FLOAT_TILES)  # Llama-1B: 48 bands of 8 tiles
+    assert (qkv["SPLIT_K"], qkv["BK"], qkv["num_stages"]) == (1, 256, 4)
+    assert skinny_config(2048, 8192, 8192, **H100, **FLOAT_TILES)["SPLIT_K"] == 4  # 32 bands of 32 tiles
+    assert skinny_config(4096, 11008, 11008, **H100, **FLOAT_TILES)["SPLIT_K"] == 2  # 3 would start a 2nd wave
+    assert skinny_config(2048, 8192, 8192, 108, **FLOAT_TILES, smem=166912)["num_stages"] == 3  # A100
+    assert skinny_config(2048, 8192, 8192, 58, **FLOAT_TILES, smem=101376)["num_stages"] == 2  # L4
+    assert skinny_config(2048, 576, 576, **H100, **FLOAT_TILES)["BK"] == 64  # K = 9 x 64: no ragged tail
+
+
 @pytest.mark.parametrize("kind", ["silu_and_mul", "gelu_tanh_and_mul", "relu", "gelu"])
 @pytest.mark.parametrize("bits", [16, 8, 4, "8x8"])
 @pytest.mark.parametrize("M,config", [(1, "skinny_split3"), (5, "skinny_split7"), (3, None), (17, None)])
