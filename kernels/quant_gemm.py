@@ -113,19 +113,15 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_w
     tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=(om[:, None] < M) & (on[None, :] < N))
 
 
-# Decode K-splits per weight width (skinny_config's tiles: [64, 128], mma.sync on 2 warps,
-# about 4 programs per SM). Tried for W8A16 and not kept: at most 2 programs per SM and 8
-# tiles each, as the fp16 tiles split (FLOAT_TILES). Back to back in one CUDA graph each 7B
-# GEMV got faster (H100, 2026-11-23, M = 1, us: qkv 24.22 -> 22.65, o 12.49 -> 10.91, gate_up
-# 39.47 -> 36.57, down 23.56 -> 22.70), but the 7B W8A16 bs=1 step got slower, 3.42 -> 3.62 ms
-# (another machine, the same day). Not yet explained.
-DECODE_SPLITS: dict[int, dict] = {8: {}, 4: {}}
-
-
 def default_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> dict:
     """Launch parameters by shape: the weight-streaming kernel for M <= 16, GEMM tiles above."""
     if M <= SKINNY_M:
-        return skinny_config(N, K, group, _num_sms(device), bits=bits, **DECODE_SPLITS[bits])
+        # Tried for W8A16 and not kept: the fp16 tiles' split rule (at most 2 programs per SM,
+        # 8 tiles each). Each 7B GEMV got faster back to back in one CUDA graph (H100,
+        # 2026-11-23, M = 1, us: qkv 24.2 -> 22.7, o 12.5 -> 10.9, gate_up 39.5 -> 36.6, down
+        # 23.6 -> 22.7), but on one machine the 7B W8A16 bs=1 step took 3.62 ms with it and
+        # 3.43 ms without. Not yet explained.
+        return skinny_config(N, K, group, _num_sms(device), bits=bits)
     bm = 64 if M <= 64 else 128
     return dict(kind="gemm", BM=bm, BN=128, BK=min(group, 64), GROUP_M=8, num_warps=4 if bm == 64 else 8,
                 num_stages=4)

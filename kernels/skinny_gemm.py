@@ -80,8 +80,8 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
         split = max(1, min(triton.cdiv(waves * sms, bands), tiles // min_tiles, triton.cdiv(tiles, U)))
     else:
         split = max(1, min(waves * sms // bands, triton.cdiv(tiles, max_tiles), triton.cdiv(tiles, U)))
-    if smem is not None:  # a stage holds a weight tile and an x tile (fp16 x: 2 bytes)
-        stage = BN * BK * bits // 8 + SKINNY_M * BK * 2
+    if smem is not None:  # a stage holds a weight tile and an x tile (x as wide as a float weight, else fp16)
+        stage = BN * BK * bits // 8 + SKINNY_M * BK * max(2, bits // 8)
         num_stages = max(2, min(num_stages, (smem - 8192) // stage))
     if prefetch is None:
         whole = N * K * bits // 8 <= SKINNY_PREFETCH_WHOLE_BYTES
@@ -200,7 +200,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError("weight rows must be contiguous")
     n_out = N // 2 if act is not None and split_kind(act)[1] else N
     y = torch.empty((x2.shape[0], n_out), device=x.device, dtype=x.dtype)
-    cfg = dict(config or skinny_config(N, K, K, _num_sms(x.device), **FLOAT_TILES, smem=_smem(x.device)))
+    cfg = dict(config or skinny_config(N, K, K, _num_sms(x.device), **FLOAT_TILES, bits=8 * weight.element_size(),
+                                       smem=_smem(x.device)))
     cfg.pop("kind")
     stats = None if residual is None else residual_stats(y, cfg)
     if x2.shape[0]:

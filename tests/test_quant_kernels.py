@@ -117,6 +117,7 @@ def test_float_tiles_split_within_one_wave():
     assert skinny_config(2048, 8192, 8192, 108, **FLOAT_TILES, smem=166912)["num_stages"] == 3  # A100
     assert skinny_config(2048, 8192, 8192, 58, **FLOAT_TILES, smem=101376)["num_stages"] == 2  # L4
     assert skinny_config(2048, 576, 576, **H100, **FLOAT_TILES)["BK"] == 64  # K = 9 x 64: no ragged tail
+    assert skinny_config(2048, 8192, 8192, **H100, **FLOAT_TILES, bits=32)["num_stages"] == 2  # fp32: 80 KB a stage
 
 
 @pytest.mark.parametrize("kind", ["silu_and_mul", "gelu_tanh_and_mul", "relu", "gelu"])
