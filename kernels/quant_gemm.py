@@ -9,7 +9,8 @@ registers (exactly: int8/int4 values are exact in fp16/bf16, see ``kernels/dequa
 its partial product over one scale group taken on the raw integers by the tensor cores,
 and scaled once in fp32. ``scales`` may be strided: ``QuantLinear`` keeps each group's
 scales contiguous. Three paths by rows of x:
-- M <= 16 (decode): the weight-streaming kernel of ``kernels/skinny_gemm.py``;
+- M <= 16 (decode): the weight-streaming kernel of ``kernels/skinny_gemm.py`` (one row of
+  x against int8 weights on the CUDA cores, ``ROW_TILES``; more rows on the MMA);
 - M > 16 (prefill chunks): ``_gemm_kernel``, plain ``tl.dot`` tiles;
 - M >= DEQUANT_MIN_M: the weight dequantized once and cuBLAS.
 """
@@ -21,7 +22,8 @@ import triton.language as tl
 
 from .activation import bias_act, split_kind
 from .dequant import dequant4, dequant8
-from .skinny_gemm import SKINNY_M, RowNorm, _num_sms, _rows2, residual_stats, skinny_config, skinny_gemm
+from .skinny_gemm import (ROW_TILES, SKINNY_M, RowNorm, _num_sms, _rows2, _smem, residual_stats, skinny_config,
+                          skinny_gemm)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -115,6 +117,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_w
 
 def default_config(M: int, N: int, K: int, group: int, bits: int, device: torch.device) -> dict:
     """Launch parameters by shape: the weight-streaming kernel for M <= 16, GEMM tiles above."""
+    if M == 1 and bits == 8:
+        return skinny_config(N, K, group, _num_sms(device), **ROW_TILES, bits=bits, smem=_smem(device))
     if M <= SKINNY_M:
         # Tried for W8A16 and not kept: the fp16 tiles' split rule (at most 2 programs per SM,
         # 8 tiles each). Each 7B GEMV got faster back to back in one CUDA graph (H100,
@@ -161,8 +165,9 @@ def wxa16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
         return torch.nn.functional.linear(x2, w, bias).reshape(*x.shape[:-1], N)
     cfg = dict(config or default_config(M, N, K, group, bits, x.device))
     kind = cfg.pop("kind")
-    if group % cfg["BK"]:
-        raise ValueError(f"block K={cfg['BK']} must divide group size {group}")
+    if group % cfg["BK"] and not (cfg["BM"] == 1 and cfg["BK"] % group == 0):
+        raise ValueError(f"block K={cfg['BK']} must divide group size {group} (or, one row at a time, be a "
+                         f"multiple of it)")
     n_out = N // 2 if act is not None and split_kind(act)[1] else N
     y = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     stats = residual_stats(y, cfg) if residual is not None else None

@@ -49,7 +49,7 @@ SKINNY_RELEASE: int | None = None  # overrides skinny_config's ``release`` (``be
 def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 128, num_warps: int = 2,
                   num_stages: int = 3, waves: int = 4, U: int = 1, A_REGS: bool = True,
                   prefetch: int | None = None, min_tiles: int = 4, bits: int = 16, release: int = 2,
-                  max_tiles: int | None = None, smem: int | None = None) -> dict:
+                  max_tiles: int | None = None, smem: int | None = None, BM: int = SKINNY_M) -> dict:
     """Launch parameters of the M <= 16 kernel: [BN, BK] tiles (BK capped by the group), and
     enough K-splits that about ``waves`` programs per SM stream at once (so every SM has
     loads in flight while the last ones finish), keeping at least ``min_tiles`` K-tiles per split.
@@ -72,7 +72,10 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
     release 0 / 2 / 3 / 4 / 6, the earlier fp16 tiles): Llama-1B 1.153 / 1.154 / 1.152 / 1.149 /
     1.161, OPT-1.3B 1.415 / 1.436 / 1.427 / 1.421 / 1.414: no effect beyond noise.
     """
-    BK = min(group & -group, BK)  # a power of two dividing the group, and so K (fp16: group = K)
+    if BM == 1 and group & (group - 1) == 0 and BK > group and K & -K >= 2 * group:
+        BK = min(BK, K & -K)  # one-row tiles may span groups: a power of two dividing K
+    else:
+        BK = min(group & -group, BK)  # a power of two dividing the group, and so K (fp16: group = K)
     if BK < 16:
         raise ValueError(f"K={K} with groups of {group}: the kernel needs K tiles of at least 16")
     bands, tiles = triton.cdiv(N, BN), K // BK
@@ -81,7 +84,7 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
     else:
         split = max(1, min(waves * sms // bands, triton.cdiv(tiles, max_tiles), triton.cdiv(tiles, U)))
     if smem is not None:  # a stage holds a weight tile and an x tile (x as wide as a float weight, else fp16)
-        stage = BN * BK * bits // 8 + SKINNY_M * BK * max(2, bits // 8)
+        stage = BN * BK * bits // 8 + BM * BK * max(2, bits // 8)
         num_stages = max(2, min(num_stages, (smem - 8192) // stage))
     if prefetch is None:
         whole = N * K * bits // 8 <= SKINNY_PREFETCH_WHOLE_BYTES
@@ -90,7 +93,7 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
         prefetch = triton.next_power_of_2(triton.cdiv(tiles, split)) if whole else SKINNY_PREFETCH
     if SKINNY_RELEASE is not None:
         release = SKINNY_RELEASE
-    return dict(kind="skinny", BM=SKINNY_M, BN=BN, BK=BK, U=U, A_REGS=A_REGS, SPLIT_K=split, num_warps=num_warps,
+    return dict(kind="skinny", BM=BM, BN=BN, BK=BK, U=U, A_REGS=A_REGS, SPLIT_K=split, num_warps=num_warps,
                 num_stages=num_stages, PREFETCH=prefetch, RELEASE=release)
 
 
@@ -180,6 +183,18 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
 # 25.83 -> 24.02, down 15.39 -> 13.42; OPT-1.3B qkv 11.56 -> 10.07, fc1 13.50 -> 12.57, fc2
 # 15.46 -> 13.41; 7B o 14.68 -> 13.40, down 34.99 -> 32.46 (qkv and gate_up within 0.3%).
 FLOAT_TILES = dict(BK=256, num_warps=4, num_stages=4, waves=1, max_tiles=8, A_REGS=False, release=3)
+
+
+# One row of x with int8 weights (W8A16 at bs=1): no MMA. Each program multiplies its
+# dequantized [64, 128] tiles by the x row on the CUDA cores (8 warps, so 4 programs fit an
+# SM), and K is split as far as one wave of those programs holds, no further: on an H100
+# the 7B down_proj took 20.4 us at 8 splits (one wave) and 25.9 us at 9 (a second one).
+# Back to back in one CUDA graph (2026-11-23, us, against the MMA tiles): o 12.0 -> 9.5,
+# down 22.2 -> 20.2, qkv and gate_up within 2%. The 7B W8A16 bs=1 step (graph replay,
+# alternating) 3.417, 3.416 -> 3.330, 3.328 ms. The MMA pads the one row to 16. The other
+# weights stay on the MMA, where this path was slower: fp16 GEMVs by 30-60% (Llama-1B and
+# 7B shapes), and the 7B bs=1 step 2.53 -> 3.41 ms for W4A16 and 3.18 -> 3.82 ms for W8A8.
+ROW_TILES = dict(BM=1, BN=64, BK=128, num_warps=8, num_stages=3, waves=4, max_tiles=1, A_REGS=True)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

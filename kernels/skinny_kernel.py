@@ -2,7 +2,8 @@
 
 Each program streams a band of weight rows along K in 16-byte loads, pipelined into
 shared memory; the MMA takes the weight tile as its wide operand and the few x rows
-(padded to 16) as the narrow one; split-K fills the GPU when N alone cannot, and the last
+(padded to 16) as the narrow one (one row of x against int8 weights skips the MMA: see
+``ROW_TILES``); split-K fills the GPU when N alone cannot, and the last
 program of each band reduces the partials in the same launch. Under programmatic
 dependent launch (``kernels/pdl.py``) a program pulls its first weight tiles into L2
 before waiting for the kernel before it, since the weights do not depend on that kernel.
@@ -87,6 +88,36 @@ def _normed(acc, mean, rstd, c_ptr, rn, NORM: tl.constexpr, RMS: tl.constexpr):
     return out
 
 
+@triton.jit
+def _grouped(p, s, GROUP: tl.constexpr):
+    """Products p [BN, BK'] of one tile summed per row, each group's sum times its scale: ``s``
+    is [BN] for a tile within one group, else [BN, groups] (``GROUP`` counts p's columns)."""
+    if p.shape[1] > GROUP:
+        out = tl.sum(tl.sum(tl.reshape(p, (p.shape[0], p.shape[1] // GROUP, GROUP)), axis=2) * s, axis=1)
+    else:
+        out = tl.sum(p, axis=1) * s
+    return out
+
+
+@triton.jit
+def _row_dot(q, x, s, ASM: tl.constexpr, A_REGS: tl.constexpr, BITS: tl.constexpr, XQ: tl.constexpr,
+             U: tl.constexpr, GROUP: tl.constexpr):
+    """One x row [1, BK] against a weight tile [BN, BK or BK / 2]: the tile's sums [BN] in fp32,
+    each group's scaled by its scale in ``s`` for integer weights (exact int32 sums for XQ)."""
+    tl.static_assert(U == 1, "the one-row path streams one tile a step")
+    if XQ:
+        out = tl.sum(q.to(tl.int32) * x.to(tl.int32), axis=1)
+    elif BITS == 16:
+        out = tl.sum(q.to(tl.float32) * x.to(tl.float32), axis=1)
+    elif BITS == 8:
+        out = _grouped(dequant8(q, tl.float32, ASM, A_REGS) * x.to(tl.float32), s, GROUP)
+    else:
+        lo, hi = dequant4(q.to(tl.uint8, bitcast=True), x.dtype, ASM, A_REGS)
+        xe, xo = tl.split(tl.reshape(x, (1, x.shape[1] // 2, 2)))
+        out = _grouped(lo.to(tl.float32) * xe.to(tl.float32) + hi.to(tl.float32) * xo.to(tl.float32), s, GROUP // 2)
+    return out
+
+
 # M, SPLIT_K and the scale stride stay runtime values: one compiled kernel per tile config
 # serves every decode batch size, split and layer (down_proj's K/128 = 86 is no multiple of 16).
 @triton.jit(do_not_specialize=["M", "stride_sn", "stride_sg", "SPLIT_K"])
@@ -116,6 +147,9 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
     # left, after taking out mean * (the row sums of W, at c_ptr) for a layer norm.
     # Normalizing x tile by tile instead cost 4.8 us per GEMV (1B gate_up, H100): wgmma's
     # x operand could no longer go straight from global to shared memory.
+    # BM = 1 (one row of x, ROW_TILES in skinny_gemm.py): no MMA, which would pad the row to
+    # 16; each tile times the row is summed on the CUDA cores (_row_dot), and a tile may then
+    # span several scale groups.
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     if GATED:
         slot = tl.arange(0, BN)
@@ -159,8 +193,9 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
     # by hand one step ahead into registers, where their latency hides behind a step's MMAs
     # (7B W8A16 GEMVs 1-3% faster, H100), and pulled into L2 two steps ahead.
     s_next = tl.zeros((BN,), tl.float32)
-    if BITS != 16 and U == 1 and not XQ:
+    if BITS != 16 and U == 1 and not XQ and BK <= GROUP:
         s_next = tl.load(s_ptrs + (tl.minimum(i0, tiles - 1) * BK // GROUP) * stride_sg)
+    s_step = s_next
     for i in range(i0, i1):
         if PDL and RELEASE > 0:
             # Dependents are released RELEASE steps before this program's weight stream ends
@@ -175,14 +210,21 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
             if ASM:
                 prefetch_l2(s_ptrs + (tl.minimum((i + 2) * U, tiles - 1) * BK // GROUP) * stride_sg)
             s_step = s_next
-            if U == 1:
+            if U == 1 and BK <= GROUP:
                 s_next = tl.load(s_ptrs + (tl.minimum(i + 1, tiles - 1) * BK // GROUP) * stride_sg)
         for j in tl.static_range(U):
             t = i * U + j
             ok = (tl.zeros((1, 1), tl.int32) + t) < tiles  # a short last step: its missing tiles load as zeros
             q = tl.load(w_ptrs + t * KB, mask=ok, other=0)
             x = tl.load(x_ptrs + t * BK, mask=(rm[:, None] < M) & ok, other=0.0)
-            if BITS == 16:
+            if BM == 1:  # one row of x: multiply-add on the CUDA cores (see above)
+                if BITS != 16 and not XQ and BK > GROUP:  # a tile of several groups: [BN, groups] scales
+                    s_row = tl.load(s_ptrs[:, None] + (t * (BK // GROUP) + tl.arange(0, BK // GROUP))[None, :]
+                                    * stride_sg)
+                else:
+                    s_row = s_step
+                acc += _row_dot(q, x, s_row, ASM, A_REGS, BITS, XQ, U, GROUP)[:, None]
+            elif BITS == 16:
                 acc += tl.dot(q, tl.trans(x))
             elif XQ:
                 acc = tl.dot(q, tl.trans(x), acc, out_dtype=tl.int32)

@@ -120,9 +120,55 @@ def test_float_tiles_split_within_one_wave():
     assert skinny_config(2048, 8192, 8192, **H100, **FLOAT_TILES, bits=32)["num_stages"] == 2  # fp32: 80 KB a stage
 
 
+ROW = dict(kind="skinny", BM=1, BN=16, BK=32, U=1, A_REGS=True, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4, "8x8"])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("BK,group", [(32, 32), (32, 64), (128, 32)])
+def test_one_row_path_matches_reference(bits, split, BK, group):
+    """BM = 1 (one row of x, summed on the CUDA cores rather than the MMA) for every weight
+    kind, K whole or split, and a K tile inside one scale group or (128 over groups of 32)
+    spanning four. Exact int32 sums for int8 x; otherwise fp32 sums of the same products."""
+    torch.manual_seed(split + BK)
+    N, K = 37, 256
+    cfg = dict(ROW, BK=BK, SPLIT_K=split)
+    x = torch.randn(1, K, dtype=torch.float16, device=DEV)
+    bias = torch.randn(N, dtype=torch.float16, device=DEV)
+    if bits == 16:
+        w = (torch.randn(N, K) * 0.05).half().to(DEV)
+        y, ref = skinny_linear(x, w, bias, config=cfg), F.linear(x.float(), w.float(), bias.float())
+    elif bits == "8x8":
+        xq, xs = quant_per_token_ref(x)
+        wq = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEV)
+        ws = torch.rand(N, device=DEV) * 0.002 + 0.0005
+        y, ref = w8a8_gemm(xq, xs, wq, ws, bias, torch.float16, cfg), w8a8_gemm_ref(xq, xs, wq, ws, bias, torch.float16)
+    else:
+        qweight, scales = random_qweight(N, K, bits, group, group_major=True)
+        y, ref = wxa16_gemm(x, qweight, scales, bias, bits, config=cfg), wxa16_gemm_ref(x, qweight, scales, bias, bits)
+    assert y.shape == (1, N) and rel(y, ref) < 2e-3  # fp16 output rounding is 2^-11
+    with pytest.raises(ValueError, match="at most BM=1 rows"):
+        skinny_linear(torch.randn(2, K, device=DEV), torch.randn(N, K, device=DEV), None, config=cfg)
+
+
+def test_one_row_config_for_int8_weights():
+    """W8A16 takes the one-row path at M = 1 only, splitting K as far as one wave of its
+    programs (4 an SM) holds; a tile may span groups smaller than it but must divide K."""
+    from kernels.quant_gemm import default_config
+    from kernels.skinny_gemm import ROW_TILES
+    dev = torch.device("cpu")  # the interpreter counts 4 SMs
+    assert default_config(1, 64, 512, 128, 8, dev)["BM"] == 1 and default_config(2, 64, 512, 128, 8, dev)["BM"] == 16
+    assert default_config(1, 64, 512, 128, 4, dev)["BM"] == 16  # int4 stays on the MMA
+    H100 = dict(sms=132, smem=232448)
+    assert skinny_config(4096, 11008, 128, **H100, **ROW_TILES, bits=8)["SPLIT_K"] == 8  # 64 bands x 8 = 512 <= 528
+    assert skinny_config(12288, 4096, 128, **H100, **ROW_TILES, bits=8)["SPLIT_K"] == 2
+    assert skinny_config(4096, 4096, 32, **H100, **ROW_TILES, bits=8)["BK"] == 128  # four groups of 32
+    assert skinny_config(4096, 11008, 64, **H100, **dict(ROW_TILES, BK=512), bits=8)["BK"] == 256  # 11008 = 43 x 256
+
+
 @pytest.mark.parametrize("kind", ["silu_and_mul", "gelu_tanh_and_mul", "relu", "gelu"])
 @pytest.mark.parametrize("bits", [16, 8, 4, "8x8"])
-@pytest.mark.parametrize("M,config", [(1, "skinny_split3"), (5, "skinny_split7"), (3, None), (17, None)])
+@pytest.mark.parametrize("M,config", [(1, "skinny_split3"), (1, None), (5, "skinny_split7"), (3, None), (17, None)])
 def test_decode_gemv_fuses_activation(kind, bits, M, config):
     """act(x W^T + b) with the activation in the decode GEMV's epilogue, against the GEMM's
     torch reference rounded to fp16 and then the activation's torch reference. A gated kind
