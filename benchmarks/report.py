@@ -107,7 +107,7 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
         batched = [d for d in o["decode"][1:] if "runs_ms_per_step" in d]
         if batched:
             wait += " bs=" + "; bs=".join(f"{d['batch']}: " + ", ".join(f"{x:.3f}" for x in d["runs_ms_per_step"])
-                                         for d in batched) + " ms/step over three runs, the best shown."
+                                         for d in batched) + " ms/step, each batch size's best run shown."
         if "replay_ms" in bs1:
             wait += (f" A bare replay of the bs=1 decode graph (the GPU's share, no host work or sampling "
                      f"between steps): {bs1['replay_ms']:.3f} ms, {bs1['replay_pct_roofline']:.0f}% of the roofline.")
