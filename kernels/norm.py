@@ -66,18 +66,28 @@ def band_stats(h, cols_ok, RMS: tl.constexpr):
 
 
 @triton.jit
-def row_stats(st_ptr, n_bands, band, K, M, eps, rm, RMS: tl.constexpr, NB: tl.constexpr):
-    """(mean, rstd) per row rm of h [M, K] from the bands' statistics (NB >= n_bands, a
-    power of two); the sums run in the same order in every program."""
+def row_stats_load(st_ptr, n_bands, M, rm, RMS: tl.constexpr, NB: tl.constexpr):
+    """The bands' statistics [NB, rows] for :func:`row_stats_of` (the second is the first for RMS)."""
     b = tl.arange(0, NB)
     ok = (b[:, None] < n_bands) & (rm[None, :] < M)
     ptrs = st_ptr + b[:, None] * 2 * M + rm[None, :]
     a = tl.load(ptrs, mask=ok, other=0.0)
+    m2 = a
+    if not RMS:
+        m2 = tl.load(ptrs + M, mask=ok, other=0.0)
+    return a, m2
+
+
+@triton.jit
+def row_stats_of(a, m2, n_bands, band, K, M, eps, rm, RMS: tl.constexpr, NB: tl.constexpr):
+    """(mean, rstd) per row rm of h [M, K] from the bands' statistics (NB >= n_bands, a
+    power of two); the sums run in the same order in every program."""
     if RMS:
         var = tl.sum(a, 0) / K
         mean = var * 0.0
     else:
-        m2 = tl.load(ptrs + M, mask=ok, other=0.0)
+        b = tl.arange(0, NB)
+        ok = (b[:, None] < n_bands) & (rm[None, :] < M)
         n = tl.minimum(tl.maximum(K - b * band, 0), band).to(tl.float32)[:, None]
         mean = tl.sum(a, 0) / K
         dm = tl.where(ok, a / tl.maximum(n, 1.0) - mean[None, :], 0.0)
