@@ -22,6 +22,7 @@ and first K/V tile, the norms their weight and bias.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -68,3 +69,28 @@ def enter(PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+
+
+# CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT in the driver API.
+_CARVEOUT = 9
+_carved: set[tuple[int, int]] = set()
+
+
+@functools.cache
+def _libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def set_carveout(kernel, percent: int) -> None:
+    """Prefer ``percent`` of each SM's unified L1/shared memory as shared memory while
+    ``kernel`` (a compiled Triton kernel, as a launch returns it; None in the interpreter)
+    runs. Under PDL the split decides how many of a kernel's programs an SM takes while the
+    kernel before still holds it (see ``kernels/skinny_gemm.py``'s ROW_TILES). Set before a
+    graph captures the kernel; repeated calls are free."""
+    function = getattr(kernel, "function", None)
+    if function is None or (function, percent) in _carved:
+        return
+    rc = _libcuda().cuFuncSetAttribute(ctypes.c_void_p(function), ctypes.c_int(_CARVEOUT), ctypes.c_int(percent))
+    if rc != 0:
+        raise RuntimeError(f"cuFuncSetAttribute(carveout={percent}) failed with CUDA error {rc}")
+    _carved.add((function, percent))

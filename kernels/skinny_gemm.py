@@ -49,14 +49,16 @@ SKINNY_RELEASE: int | None = None  # overrides skinny_config's ``release`` (``be
 def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 128, num_warps: int = 2,
                   num_stages: int = 3, waves: int = 4, U: int = 1, A_REGS: bool = True,
                   prefetch: int | None = None, min_tiles: int = 4, bits: int = 16, release: int = 2,
-                  max_tiles: int | None = None, smem: int | None = None, BM: int = SKINNY_M) -> dict:
+                  max_tiles: int | None = None, smem: int | None = None, BM: int = SKINNY_M,
+                  pipeline_from: int | None = None, pipeline: tuple[int, int, int] = (3, 6, 25)) -> dict:
     """Launch parameters of the M <= 16 kernel: [BN, BK] tiles (BK capped by the group), and
     enough K-splits that about ``waves`` programs per SM stream at once (so every SM has
     loads in flight while the last ones finish), keeping at least ``min_tiles`` K-tiles per split.
     With ``max_tiles`` the split is instead the fewest that leaves no program more than
     ``max_tiles`` K-tiles, as long as the programs still fit in ``waves`` per SM (a split
     never starts a further wave). ``smem``: the device's shared memory per block, which caps
-    the pipeline's stages.
+    the pipeline's stages. ``pipeline_from`` (one-row tiles only; see ROW_TILES): programs of
+    at least that many tiles take ``pipeline`` = (loop stages, release, carveout percent).
 
     The defaults, mma.sync on 2 warps with the operands converted in registers and about
     4 programs per SM, were the fastest for W4A16 in a sweep on an H100 (2026-11-22, triton
@@ -91,10 +93,14 @@ def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 
         # A power of two: the kernel prefetches [BN, lines] at once (past the slice's end, the
         # lines of the next split, which its own program prefetches too).
         prefetch = triton.next_power_of_2(triton.cdiv(tiles, split)) if whole else SKINNY_PREFETCH
+    loop_stages, carveout = 0, None
+    if BM == 1 and pipeline_from is not None and triton.cdiv(tiles, split) >= pipeline_from:
+        loop_stages, release, carveout = pipeline
     if SKINNY_RELEASE is not None:
         release = SKINNY_RELEASE
     return dict(kind="skinny", BM=BM, BN=BN, BK=BK, U=U, A_REGS=A_REGS, SPLIT_K=split, num_warps=num_warps,
-                num_stages=num_stages, PREFETCH=prefetch, RELEASE=release)
+                num_stages=num_stages, PREFETCH=prefetch, RELEASE=release, LOOP_STAGES=loop_stages,
+                CARVEOUT=carveout)
 
 
 # Per device: one int32 arrival counter per n-band for the split-K kernel (kernels/counters.py).
@@ -152,6 +158,7 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
         raise ValueError(f"K={K} is not a multiple of the tile's BK={cfg['BK']}")
     cfg = dict(cfg)
     split = cfg.pop("SPLIT_K")
+    carveout = cfg.pop("CARVEOUT", None)
     n_bands = triton.cdiv(N // 2, cfg["BN"] // 2) if gated else triton.cdiv(N, cfg["BN"])
     if residual is not None and tuple(stats.shape) != (n_bands, 2, M):
         raise ValueError(f"stats must be [{n_bands}, 2, {M}], got {tuple(stats.shape)}")
@@ -162,7 +169,7 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
     stride_sn, stride_sg = (0, 0) if bits == 16 else (scales.stride(0), scales.stride(1) if scales.dim() == 2 else 0)
     nrm = norm if norm is not None else RowNorm(part, 1, 0.0, rms)
     st = stats if residual is not None else nrm.stats
-    _skinny_kernel[(n_bands, split)](x2, w, scales, bias if bias is not None else w, y, part, locks,
+    kernel = _skinny_kernel[(n_bands, split)](x2, w, scales, bias if bias is not None else w, y, part, locks,
                                      x_scale if xq else scales, M, N, K, NP, x2.stride(0), w.stride(0),
                                      stride_sn, stride_sg, y.stride(0), split,
                                      residual if residual is not None else y, st,
@@ -172,6 +179,8 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
                                      RMS=nrm.rms,
                                      NB=triton.next_power_of_2(nrm.stats.shape[0]), **pdl.launch_args(x2.device),
                                      **cfg)
+    if carveout is not None:
+        pdl.set_carveout(kernel, carveout)
 
 
 # The fp16 weight's tiles: wgmma on 4 warps over [64, 256] tiles in a 4-stage pipeline (160 KB
@@ -194,7 +203,22 @@ FLOAT_TILES = dict(BK=256, num_warps=4, num_stages=4, waves=1, max_tiles=8, A_RE
 # alternating) 3.417, 3.416 -> 3.330, 3.328 ms. The MMA pads the one row to 16. The other
 # weights stay on the MMA, where this path was slower: fp16 GEMVs by 30-60% (Llama-1B and
 # 7B shapes), and the 7B bs=1 step 2.53 -> 3.41 ms for W4A16 and 3.18 -> 3.82 ms for W8A8.
-ROW_TILES = dict(BM=1, BN=64, BK=128, num_warps=8, num_stages=3, waves=4, max_tiles=1, A_REGS=True)
+#
+# ``pipeline_from``: a program streaming that many tiles or more (the 7B qkv and gate_up)
+# has Triton pipeline its loop through shared memory (``pipeline``: 3 stages), releases the
+# next kernel 6 steps before its stream ends, and asks the driver for 25% of each SM as
+# shared memory (``kernels.pdl.set_carveout``). The carveout is what makes the pipeline pay in
+# the step. With the driver's own choice, a trace of the 7B W8A16 bs=1 graph (torch.profiler,
+# H100, 2026-11-24) put the pipelined gate_up at 43.0 us a layer against 40.3 us unpipelined,
+# though alone, back to back, it ran 35.9 against 39.2. At 25% it took 35.3 us in the step.
+# 30-100% (a 100 KB split or more) was as slow as the default. The likely cause: 25% caps
+# a pipelined program's SM at 3 of them (17 KB each), so programs launched early under PDL
+# cannot pile onto the SMs that freed first; a larger L1 is the other candidate. The same
+# 25% for every kernel slowed the unpipelined step (3.33 -> 3.51 ms) and decode attention.
+# Graph replay, bs=1, alternating (ms): off 3.328 / 3.322, this 3.134 / 3.132; releasing 2
+# or 10 steps early 3.174 / 3.135; pipelining down too (11 tiles) 3.275; no carveout 3.446.
+ROW_TILES = dict(BM=1, BN=64, BK=128, num_warps=8, num_stages=3, waves=4, max_tiles=1, A_REGS=True,
+                 pipeline_from=16)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

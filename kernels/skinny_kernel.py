@@ -129,7 +129,8 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
                    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
                    ACT: tl.constexpr = "", GATED: tl.constexpr = False, XQ: tl.constexpr = False,
                    RELEASE: tl.constexpr = 0, RES: tl.constexpr = False, NORM: tl.constexpr = False,
-                   RMS: tl.constexpr = True, NB: tl.constexpr = 1):
+                   RMS: tl.constexpr = True, NB: tl.constexpr = 1,
+                   LOOP_STAGES: tl.constexpr = 0):
     # Program (pid_n, pid_k) streams weight rows [pid_n*BN, +BN) over its share of K in
     # steps of U [BN, BK] tiles side by side along K (U > 1 reads longer runs of each row at
     # once; on the H100 it measured no faster than U = 1, the default). Loads are 16 bytes
@@ -200,7 +201,10 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
     if BITS != 16 and U == 1 and not XQ and BK <= GROUP:
         s_next = tl.load(s_ptrs + (tl.minimum(i0, tiles - 1) * BK // GROUP) * stride_sg)
     s_step = s_next
-    for i in range(i0, i1):
+    # LOOP_STAGES (one row of x, long streams; see ROW_TILES): Triton pipelines this loop's
+    # loads through shared memory. Without a dot in the loop it would not, and MMA tiles
+    # take the launch's num_stages instead.
+    for i in tl.range(i0, i1, num_stages=LOOP_STAGES if LOOP_STAGES > 0 else None):
         if PDL and RELEASE > 0:
             # Dependents are released RELEASE steps before this program's weight stream ends
             # (0: after it), unlike the small kernels (kernels/pdl.py): released at entry, the

@@ -126,13 +126,15 @@ ROW = dict(kind="skinny", BM=1, BN=16, BK=32, U=1, A_REGS=True, num_warps=4, num
 @pytest.mark.parametrize("bits", [16, 8, 4, "8x8"])
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("BK,group", [(32, 32), (32, 64), (128, 32)])
-def test_one_row_path_matches_reference(bits, split, BK, group):
+@pytest.mark.parametrize("loop_stages", [0, 3])
+def test_one_row_path_matches_reference(bits, split, BK, group, loop_stages):
     """BM = 1 (one row of x, summed on the CUDA cores rather than the MMA) for every weight
     kind, K whole or split, and a K tile inside one scale group or (128 over groups of 32)
-    spanning four. Exact int32 sums for int8 x; otherwise fp32 sums of the same products."""
+    spanning four. Exact int32 sums for int8 x; otherwise fp32 sums of the same products.
+    LOOP_STAGES: the loop as Triton pipelines it on a GPU (the interpreter runs it as is)."""
     torch.manual_seed(split + BK)
     N, K = 37, 256
-    cfg = dict(ROW, BK=BK, SPLIT_K=split)
+    cfg = dict(ROW, BK=BK, SPLIT_K=split, LOOP_STAGES=loop_stages)
     x = torch.randn(1, K, dtype=torch.float16, device=DEV)
     bias = torch.randn(N, dtype=torch.float16, device=DEV)
     if bits == 16:
@@ -164,6 +166,14 @@ def test_one_row_config_for_int8_weights():
     assert skinny_config(12288, 4096, 128, **H100, **ROW_TILES, bits=8)["SPLIT_K"] == 2
     assert skinny_config(4096, 4096, 32, **H100, **ROW_TILES, bits=8)["BK"] == 128  # four groups of 32
     assert skinny_config(4096, 11008, 64, **H100, **dict(ROW_TILES, BK=512), bits=8)["BK"] == 256  # 11008 = 43 x 256
+    # Programs streaming 16 tiles or more pipeline their loop, release the next kernel 6 steps
+    # early and ask for a quarter of the SM as shared memory; shorter streams do neither.
+    for N, K, tiles in ((22016, 4096, 32), (12288, 4096, 16), (4096, 11008, 11), (4096, 4096, 4)):
+        cfg = skinny_config(N, K, 128, **H100, **ROW_TILES, bits=8)
+        assert -(-(K // cfg["BK"]) // cfg["SPLIT_K"]) == tiles
+        long = tiles >= 16
+        assert (cfg["LOOP_STAGES"], cfg["RELEASE"], cfg["CARVEOUT"]) == ((3, 6, 25) if long else (0, 2, None))
+    assert skinny_config(22016, 4096, 128, **H100, bits=8)["LOOP_STAGES"] == 0  # MMA tiles: the launch's stages
 
 
 @pytest.mark.parametrize("kind", ["silu_and_mul", "gelu_tanh_and_mul", "relu", "gelu"])

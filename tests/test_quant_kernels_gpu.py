@@ -71,6 +71,35 @@ def test_skinny_split_k(bits, M, N, K, group, case):
     assert torch.equal(wxa16_gemm(x, t["qweight"], t["scales"], bias, bits, config), y)
 
 
+@pytest.mark.parametrize("N,K", [(22016, 4096), (12288, 4096), (4096, 11008)])
+def test_one_row_pipelined_loop(N, K):
+    """One row against int8 weights (W8A16 at bs=1): programs of 16 tiles or more (the 7B
+    gate_up and qkv, not down) run their loop pipelined through shared memory with their own
+    carveout. The sums are the same in the same order, so the result must equal the
+    unpipelined loop's bit for bit, eagerly and replayed in a graph after another GEMV (PDL)."""
+    from kernels.quant_gemm import default_config
+    t, t2 = quantized(N, K, "w8a16"), quantized(K, N, "w8a16")
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    bias = torch.randn(N, device="cuda", dtype=torch.float16)
+    cfg = default_config(1, N, K, 128, 8, x.device)
+    assert (cfg["LOOP_STAGES"] > 0) == (N != 4096)
+    plain = dict(cfg, LOOP_STAGES=0, CARVEOUT=None)
+    y = wxa16_gemm(x, t["qweight"], t["scales"], bias, 8)
+    assert rel(y, wxa16_gemm_ref(x, t["qweight"], t["scales"], bias, 8)) < 2e-3
+    assert torch.equal(y, wxa16_gemm(x, t["qweight"], t["scales"], bias, 8, plain))
+    wxa16_gemm(y, t2["qweight"], t2["scales"], None, 8)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h = wxa16_gemm(x, t["qweight"], t["scales"], bias, 8)
+        g = wxa16_gemm(h, t2["qweight"], t2["scales"], None, 8)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        h_ref = wxa16_gemm(x, t["qweight"], t["scales"], bias, 8, plain)
+        assert torch.equal(h, h_ref)
+        assert torch.equal(g, wxa16_gemm(h_ref, t2["qweight"], t2["scales"], None, 8))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_skinny_in_cuda_graph(bits):
     """Decode replays a captured graph with new inputs: the split-K counters and partials
