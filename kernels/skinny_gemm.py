@@ -169,16 +169,13 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
     stride_sn, stride_sg = (0, 0) if bits == 16 else (scales.stride(0), scales.stride(1) if scales.dim() == 2 else 0)
     nrm = norm if norm is not None else RowNorm(part, 1, 0.0, rms)
     st = stats if residual is not None else nrm.stats
-    kernel = _skinny_kernel[(n_bands, split)](x2, w, scales, bias if bias is not None else w, y, part, locks,
-                                     x_scale if xq else scales, M, N, K, NP, x2.stride(0), w.stride(0),
-                                     stride_sn, stride_sg, y.stride(0), split,
-                                     residual if residual is not None else y, st,
-                                     nrm.row_sums if nrm.row_sums is not None else part, nrm.stats.shape[0],
-                                     nrm.band, nrm.eps, GROUP=group, BITS=bits, HAS_BIAS=bias is not None, ASM=x2.is_cuda,
-                                     ACT=kind, GATED=gated, XQ=xq, RES=residual is not None, NORM=norm is not None,
-                                     RMS=nrm.rms,
-                                     NB=triton.next_power_of_2(nrm.stats.shape[0]), **pdl.launch_args(x2.device),
-                                     **cfg)
+    kernel = _skinny_kernel[(n_bands, split)](
+        x2, w, scales, bias if bias is not None else w, y, part, locks, x_scale if xq else scales, M, N, K, NP,
+        x2.stride(0), w.stride(0), stride_sn, stride_sg, y.stride(0), split, residual if residual is not None else y,
+        st, nrm.row_sums if nrm.row_sums is not None else part, nrm.stats.shape[0], nrm.band, nrm.eps,
+        GROUP=group, BITS=bits, HAS_BIAS=bias is not None, ASM=x2.is_cuda, ACT=kind, GATED=gated, XQ=xq,
+        RES=residual is not None, NORM=norm is not None, RMS=nrm.rms, NB=triton.next_power_of_2(nrm.stats.shape[0]),
+        **pdl.launch_args(x2.device), **cfg)
     if carveout is not None:
         pdl.set_carveout(kernel, carveout)
 
