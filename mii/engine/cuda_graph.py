@@ -70,7 +70,10 @@ class StepGraphs:
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int], object] = {}
         self.pool = None
-        self._capture()
+
+    def _work(self) -> list[tuple[str, int]]:
+        work = [("mixed", t) for t in self.token_sizes] + [("decode", b) for b in self.sizes]
+        return sorted(work, key=lambda kw: -kw[1])  # largest first, so smaller graphs reuse its pool
 
     def _decode_ctx(self, b: int) -> BatchContext:
         # every token of a decode step samples, in order: no row gather before the head
@@ -80,37 +83,47 @@ class StepGraphs:
     def _mixed_ctx(self, t: int) -> BatchContext:
         return BatchContext(self.positions[:t], self.slots[:t], self.tables, self.cu, self.ctx_lens, self.rows)
 
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        work = [("mixed", t) for t in self.token_sizes] + [("decode", b) for b in self.sizes]
-        work.sort(key=lambda kw: -kw[1])  # largest first, so smaller graphs reuse its pool
+    def _pass(self, kind: str, n: int):
+        """Set the buffers up for the graph (kind, n) and return its forward pass."""
+        if kind == "decode":
+            ctx = self._decode_ctx(n)
+            return lambda: self.model(self.input_ids[:n], ctx, self.ops)
+        # mixed: one sequence holding all tokens; replays rewrite all of it
         width = self.tables.shape[1] * self.model.layers[0].attn.k_cache.shape[1]
-        for kind, n in work:
-            if kind == "decode":
-                ctx = self._decode_ctx(n)
-                fn = lambda ctx=ctx, n=n: self.model(self.input_ids[:n], ctx, self.ops)  # noqa: E731
-            else:  # capture with one sequence holding all tokens; replays rewrite all of it
-                self.cu.fill_(n)
-                self.cu[0] = 0
-                self.ctx_lens.fill_(1)
-                self.ctx_lens[0] = min(n, width)
-                ctx = self._mixed_ctx(n)
-                fn = lambda ctx=ctx, n=n: self.model.hidden(self.input_ids[:n], ctx, self.ops)  # noqa: E731
+        self.cu.fill_(n)
+        self.cu[0] = 0
+        self.ctx_lens.fill_(1)
+        self.ctx_lens[0] = min(n, width)
+        ctx = self._mixed_ctx(n)
+        return lambda: self.model.hidden(self.input_ids[:n], ctx, self.ops)
+
+    def passes(self) -> list:
+        """Every forward pass (and input fill) that :meth:`capture` runs, each a callable that
+        sets its own buffers up: for compiling their kernels first (mii/engine/precompile.py)."""
+        return [lambda kind=kind, n=n: self._pass(kind, n)() for kind, n in self._work()] + self._fills()
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        for kind, n in self._work():
+            fn = self._pass(kind, n)
             fn()  # warm-up: compile/autotune outside capture
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
                 self.outputs[kind, n] = fn()
             self.pool = g.pool()
             self.graphs[kind, n] = g
-        # compile the input fill for both kinds now, not in the first step that needs it: a
-        # one-token, one-sequence step fed from a one-token last step
+        for fill in self._fills():  # compiled now, not in the first step that needs them
+            fill()
+        self.ctx_lens.fill_(1)
+        torch.cuda.synchronize()
+
+    def _fills(self) -> list:
+        """The input fill of both kinds: a one-token, one-sequence step fed from a one-token last step."""
         zero = torch.zeros(1, dtype=torch.long, device=self.device)
         table, ctx_len = torch.zeros(1, 1, dtype=torch.int32, device=self.device), self.ctx_lens[:1].clone()
         cu = torch.tensor([0, 1], dtype=torch.int32, device=self.device)
-        for mixed in (False, True):
-            self.fill(self.buffers, zero, zero, zero, table, ctx_len, cu, (zero, zero, zero), 1, 1, mixed)
-        self.ctx_lens.fill_(1)
-        torch.cuda.synchronize()
+        return [lambda mixed=mixed: self.fill(self.buffers, zero, zero, zero, table, ctx_len, cu, (zero, zero, zero),
+                                              1, 1, mixed) for mixed in (False, True)]
 
     def key(self, T: int, B: int, S: int, width: int) -> tuple[str, int] | None:
         """The graph for a step of T tokens over B sequences, S of which sample, or None."""

@@ -15,6 +15,7 @@ from mii.model.quant import check_quant_args, quantize_model, saved_quantization
 from mii.policies.base import ModelSpec
 from .cuda_graph import StepGraphs
 from .inputs import StepInputs
+from .precompile import precompile
 from .sampler import Sampled, Sampler
 from .scheduler import ScheduledSeq
 from .prompt_logprobs import PromptRows, PromptScores
@@ -23,6 +24,7 @@ from .sequence import Sequence, TokenLogprob
 log = logging.getLogger(__name__)
 
 CPU_KV_BYTES = 512 << 20  # fixed KV budget on CPU, where free memory says little
+COMPILE_THREADS = 8  # threads compiling Triton kernels before capture (0: each as capture meets it)
 
 
 class ModelRunner:
@@ -36,6 +38,8 @@ class ModelRunner:
         self._allocate_kv()
         self.sampler = Sampler(spec.vocab, eos_token_ids, device, config.seed)
         self.graphs = self._capture_graphs()
+        if device.type == "cuda":
+            self.sampler.warm_up()
         # The last launched step's sampled tokens, still on the device, and each sampling
         # sequence's row in them: the next step may take its input ids from there.
         self._last_tokens: torch.Tensor | None = None
@@ -93,9 +97,14 @@ class ModelRunner:
         if not (self.config.enable_cuda_graph and self.device.type == "cuda" and self.ops.backend == "triton"):
             return None
         max_len = min(self.config.max_model_len or self.spec.max_positions, self.num_blocks * self.block_size)
+        graphs = StepGraphs(self.model, self.ops, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                            -(-max_len // self.block_size), self.device)
         try:
-            return StepGraphs(self.model, self.ops, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                              -(-max_len // self.block_size), self.device)
+            if COMPILE_THREADS:  # on a cold Triton cache, every kernel at once rather than as met
+                with torch.inference_mode():
+                    precompile([self.sampler.warm_up, *graphs.passes()], COMPILE_THREADS)
+            graphs.capture()
+            return graphs
         except RuntimeError as e:  # e.g. an op that cannot be captured: run eagerly, loudly
             log.warning("CUDA graph capture failed, decoding eagerly: %s", e)
             return None

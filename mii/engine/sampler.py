@@ -23,8 +23,13 @@ class Sampler:
         ops = ops_for(device)
         self.sample_fn = ops.sample  # temperature, top-k, top-p, draw: one kernel on CUDA
         self.argmax_fn = ops.argmax  # greedy rows: split over the GPU on CUDA
-        if device.type == "cuda":  # compile it now rather than in the first request's step
-            self.argmax_fn(torch.zeros(1, vocab, device=device))
+
+    def warm_up(self) -> None:
+        """Compile the greedy and the sampling kernels now rather than in the first request's step."""
+        z = torch.zeros(1, self.vocab, device=self.device)
+        self.argmax_fn(z)
+        one = torch.ones(1, device=self.device)
+        self.sample_fn(z, one, one.long(), one, z + 1)
 
     def new_generator(self, seed: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
