@@ -71,10 +71,32 @@ def _bound_section(f: dict) -> list[str]:
     return lines + [""]
 
 
+def _startup_section(f: dict) -> list[str]:
+    """``benchmarks.startup``: engine ready, cold and warm Triton cache, kernels compiled serially or not."""
+    by: dict = {}
+    for r in f["runs"]:
+        by.setdefault((r["kind"], r["threads"]), []).append(r)
+    lines = [f"## Startup, {f['model']}", "",
+             f"{f['device']}, {f['date']}, torch {f['torch']}, triton {f['triton']}, {f['cpus']} CPU cores; "
+             "`python -m benchmarks.startup`: seconds from `LLMEngine(...)` to a ready engine (weights loaded, "
+             "every CUDA graph captured), each start a fresh process. Cold: an empty Triton cache, as on a new "
+             "machine or container; warm: the cache that cold start left. Serial: each kernel compiled as graph "
+             f"capture meets it; parallel: all of them first, on {f['threads']} threads (`mii/engine/precompile.py`). "
+             "Tokens of a greedy and a sampled request after each start: "
+             + ("identical in every start." if f["same_tokens"] else "**they differed**."), "",
+             _row(["start", "compiles", "seconds, each start", "kernels compiled (warm: loaded from the cache)", "compiled after ready"]),
+             _row(["---"] * 5)]
+    for (kind, t), rs in by.items():
+        lines.append(_row([kind, f"parallel ({t} threads)" if t else "serial",
+                           ", ".join(f"{r['startup_s']:.1f}" for r in rs), rs[0]["compiled"],
+                           max(r["compiled_later"] for r in rs)]))
+    return lines + [""]
+
+
 def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.md") -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
             if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-", "pdl-", "decode-attn",
-                                      "host-", "prefix-", "score-", "bound-"))]
+                                      "host-", "prefix-", "score-", "bound-", "startup-"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -237,6 +259,8 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
         lines += _score_section(json.loads(p.read_text()))
     for p in sorted(Path(results).glob("bound-*.json")):
         lines += _bound_section(json.loads(p.read_text()))
+    for p in sorted(Path(results).glob("startup-*.json")):
+        lines += _startup_section(json.loads(p.read_text()))
     for p in sorted(Path(results).glob("profile-prefill-*.json")):
         f = json.loads(p.read_text())
         modes = list(f["modes"])
