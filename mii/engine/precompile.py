@@ -85,8 +85,9 @@ def compile_all(specs: Iterable[tuple], workers: int) -> int:
 
 def precompile(passes: Iterable[Callable[[], object]], workers: int) -> int:
     """Run ``passes`` with compiles deferred, then compile what they met in parallel.
-    Returns how many kernels compiled. With a Triton older than 3.5 (no ``AsyncCompileMode``)
-    it does nothing, and the kernels compile as the passes meet them later."""
+    Returns how many kernels it compiled (or loaded from Triton's cache on disk). With a
+    Triton older than 3.5 (no ``AsyncCompileMode``) it does nothing, and the kernels compile
+    as the passes meet them later."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     try:
@@ -99,5 +100,6 @@ def precompile(passes: Iterable[Callable[[], object]], workers: int) -> int:
             run()
     n = compile_all(seen.values(), workers)
     if n:
-        log.info("compiled %d Triton kernels on %d threads in %.1f s", n, workers, time.perf_counter() - t0)
+        log.info("%d Triton kernels compiled (or loaded from Triton's cache) on %d threads in %.1f s", n, workers,
+                 time.perf_counter() - t0)
     return n
