@@ -84,7 +84,8 @@ def _startup_section(f: dict) -> list[str]:
              f"capture meets it; parallel: all of them first, on {f['threads']} threads (`mii/engine/precompile.py`). "
              "Tokens of a greedy and a sampled request after each start: "
              + ("identical in every start." if f["same_tokens"] else "**they differed**."), "",
-             _row(["start", "compiles", "seconds, each start", "kernels compiled (warm: loaded from the cache)", "compiled after ready"]),
+             _row(["start", "compiles", "seconds, each start", "kernels compiled (warm: loaded from the cache)",
+                   "compiled after ready"]),
              _row(["---"] * 5)]
     for (kind, t), rs in by.items():
         lines.append(_row([kind, f"parallel ({t} threads)" if t else "serial",
