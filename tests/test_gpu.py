@@ -76,6 +76,33 @@ def test_mixed_step_graphs_match_eager(tiny_model_dir):
     assert kinds == {"mixed", "decode"}, f"graphs replayed: {used}"
 
 
+def test_greedy_decode_takes_its_tokens_from_the_graph(tiny_model_dir):
+    """Greedy decode steps take the argmax captured in the decode graph, which equals
+    torch's argmax of the step's logits; a penalized row's step runs the argmax again on
+    its adjusted logits. The sampler's own argmax runs only for prefill steps there."""
+    path = tiny_model_dir("LlamaForCausalLM")
+    eng = LLMEngine(EngineConfig(model=str(path), device="cuda", dtype="fp16", show_progress=False))
+    sampler = eng.runner.sampler
+    seen, argmax_calls = [], []
+    sample, argmax = sampler.sample, sampler.argmax_fn
+
+    def checked(logits, seqs, greedy=None):
+        seen.append((logits.argmax(-1), greedy.clone() if greedy is not None else None))
+        return sample(logits, seqs, greedy)
+    sampler.sample = checked
+    sampler.argmax_fn = lambda x: argmax_calls.append(x.shape[0]) or argmax(x)
+    prompts = ["Hello, my name is", "DeepSpeed is", "The quick brown fox"]
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))
+    from_graph = [(ref, g) for ref, g in seen if g is not None]
+    assert len(from_graph) >= 10 and all(torch.equal(ref, g) for ref, g in from_graph)
+    assert len(argmax_calls) == len(seen) - len(from_graph)  # the prefill steps only
+    seen.clear()
+    biased = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, logit_bias={outs[0].token_ids[1]: -100})
+    again = eng.generate(prompts[:1], biased)[0].token_ids
+    assert outs[0].token_ids[1] not in again
+    assert all(g is not None for _, g in seen[1:])  # the graph still ran; its argmax was not taken
+
+
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
 @pytest.mark.parametrize("mode", ["w8a16", "w4a16", "w8a8"])
 def test_cuda_quantized_decode_matches_reference_kernels(arch, mode, tiny_model_dir):

@@ -5,7 +5,9 @@ Every kernel here takes its grid from tensor shapes alone (never from a value on
 device), so one capture serves any batch of the same padded shape:
 
 - decode graphs, one per batch size bucket B (T = B tokens, one per sequence), cover
-  the whole forward pass, logits included;
+  the whole forward pass, logits included, and the logits' argmax: greedy rows take their
+  tokens from the replay, not from two more kernel launches (at bs=1 on a small model the
+  host's launches, not the GPU, bound the step);
 - mixed graphs, one per token bucket T, take up to ``max_seqs`` sequences with any
   split of the T tokens (prefill chunks and decodes side by side). Padding sequences
   bring no query (``cu_seqlens`` repeats), so the attention kernels skip them; padding
@@ -87,7 +89,11 @@ class StepGraphs:
         """Set the buffers up for the graph (kind, n) and return its forward pass."""
         if kind == "decode":
             ctx = self._decode_ctx(n)
-            return lambda: self.model(self.input_ids[:n], ctx, self.ops)
+
+            def decode():
+                logits = self.model(self.input_ids[:n], ctx, self.ops)
+                return logits, self.ops.argmax(logits)
+            return decode
         # mixed: one sequence holding all tokens; replays rewrite all of it
         width = self.tables.shape[1] * self.model.layers[0].attn.k_cache.shape[1]
         self.cu.fill_(n)
@@ -134,9 +140,10 @@ class StepGraphs:
         return next((("mixed", t) for t in self.token_sizes if t >= T), None)
 
     def run(self, key: tuple[str, int], input_ids: torch.Tensor, ctx: BatchContext,
-            feed: tuple | None = None, float32: bool = True) -> torch.Tensor:
+            feed: tuple | None = None, float32: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for the step's logits rows (float32 from a decode graph, whatever
-        ``float32``). ``feed``: see ``ModelRunner.forward``."""
+        ``float32``) and, from a decode graph, their argmax (else None). Both are the
+        graph's buffers, which the next replay overwrites. ``feed``: see ``ModelRunner.forward``."""
         kind, n = key
         T, B = input_ids.shape[0], ctx.block_tables.shape[0]
         mixed = kind == "mixed"
@@ -144,6 +151,7 @@ class StepGraphs:
                   ctx.cu_seqlens_q, feed, n, self.max_seqs if mixed else n, mixed)
         self.graphs[key].replay()
         if not mixed:
-            return self.outputs[key][:B]
+            logits, greedy = self.outputs[key]
+            return logits[:B], greedy[:B]
         x, residual = self.outputs[key]
-        return self.model.head(x[:T], residual[:T], ctx.logits_indices, self.ops, float32)
+        return self.model.head(x[:T], residual[:T], ctx.logits_indices, self.ops, float32), None

@@ -44,6 +44,7 @@ class ModelRunner:
         # sequence's row in them: the next step may take its input ids from there.
         self._last_tokens: torch.Tensor | None = None
         self._last_rows: dict = {}
+        self._greedy: torch.Tensor | None = None  # the argmax of the last forward's logits, if a graph gave it
 
     def _load(self, path: str) -> DecoderModel:
         """Load this rank's shard, then quantize it on the fly if asked: after slicing, so each
@@ -143,7 +144,9 @@ class ModelRunner:
             (B, W), S = ctx.block_tables.shape, ctx.logits_indices.numel()
             key = self.graphs.key(input_ids.numel(), B, S, W)
             if key is not None:
-                return self.graphs.run(key, input_ids, ctx, feed, float32)
+                logits, self._greedy = self.graphs.run(key, input_ids, ctx, feed, float32)
+                return logits
+        self._greedy = None
         if feed is not None:
             dst, src, last = feed
             input_ids[dst] = last[src]
@@ -165,7 +168,7 @@ class ModelRunner:
         if not sampling:
             self._last_tokens, self._last_rows = None, {}
             return None, scores
-        sampled = self.sampler.sample(logits, sampling)
+        sampled = self.sampler.sample(logits, sampling, self._greedy if prompt is None else None)
         self._last_tokens, self._last_rows = sampled.tokens, {seq: i for i, seq in enumerate(sampling)}
         return sampled, scores
 

@@ -36,9 +36,11 @@ class Sampler:
         g.manual_seed(seed)
         return g
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> "Sampled":
-        """logits: [S, V] float32, one row per sequence that samples this step. Nothing
-        here waits for the device: the tokens come back through :class:`Sampled`."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> "Sampled":
+        """logits: [S, V] float32, one row per sequence that samples this step. ``greedy``:
+        their argmax, already computed (by a decode graph), taken when no row adjusts its
+        logits first. Nothing here waits for the device: the tokens come back through
+        :class:`Sampled`."""
         params = [s.params for s in seqs]
         raw = logits
         # Spelled out rather than through SamplingParams.penalizes_history: this runs for every
@@ -46,8 +48,9 @@ class Sampler:
         if any(p.logit_bias or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                or (p.min_new_tokens and _generated(s) < p.min_new_tokens) for s, p in zip(seqs, params)):
             logits = self._penalize(logits.clone(), seqs, params)  # raw stays intact for logprobs
+            greedy = None
         if all(p.greedy for p in params):
-            tokens = self.argmax_fn(logits)
+            tokens = greedy if greedy is not None else self.argmax_fn(logits)
         else:
             dev = logits.device
             noise = torch.empty_like(logits).exponential_(generator=self.generator)
