@@ -9,6 +9,7 @@ import torch
 
 from mii.config import EngineConfig, SamplingParams
 from mii.engine.engine import LLMEngine
+from mii.engine.inputs import StepInputs
 
 
 def seconds_per_call(fn, warmup: int, iters: int) -> float:
@@ -93,11 +94,16 @@ def best_decode(eng: LLMEngine, batch: int, runs: int = 3) -> dict:
 
 def replay_ms(eng: LLMEngine, batch: int, ctx: int = 192, iters: int = 100) -> float:
     """The GPU's share of a decode step: a bare replay of the batch's decode graph at a
-    ``ctx``-token context (no host work, no sampling or input copies between replays).
-    Leaves the graph's buffers as a one-token context; run it between requests only."""
-    g = eng.runner.graphs
+    ``ctx``-token context, each sequence on blocks of its own (no host work, no sampling or
+    input copies between replays). Writes K/V into the cache: run it between requests only."""
+    g, bs = eng.runner.graphs, eng.runner.block_size
     key = ("decode", min(n for n in g.sizes if n >= batch))
-    g.ctx_lens[:batch].fill_(ctx)
+    w = -(-ctx // bs)
+    tables = [(b * w + j) % eng.runner.num_blocks for b in range(batch) for j in range(w)]
+    slots = [tables[b * w + (ctx - 1) // bs] * bs + (ctx - 1) % bs for b in range(batch)]
+    step = StepInputs.of([0] * batch, [ctx - 1] * batch, slots, list(range(batch)), [], [], tables,
+                         list(range(batch + 1)), [ctx] * batch, w, pin=False)
+    g.stage[:step.data.numel()].copy_(step.data)  # what the graph's first kernel unpacks
     for _ in range(10):
         g.graphs[key].replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -106,7 +112,6 @@ def replay_ms(eng: LLMEngine, batch: int, ctx: int = 192, iters: int = 100) -> f
         g.graphs[key].replay()
     end.record()
     torch.cuda.synchronize()
-    g.ctx_lens.fill_(1)
     return start.elapsed_time(end) / iters
 
 

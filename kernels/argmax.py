@@ -51,12 +51,12 @@ def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, CB: tl.constexpr):
 MAX_CHUNKS = 128
 
 
-def argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
+def argmax(logits: torch.Tensor, block: int = 1024, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of :func:`argmax_ref` for 2-D float logits [S, V]: int64 [S]."""
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"argmax takes float logits [rows, vocab], got {tuple(logits.shape)} {logits.dtype}")
     S, V = logits.shape
-    out = torch.empty(S, dtype=torch.int64, device=logits.device)
+    out = torch.empty(S, dtype=torch.int64, device=logits.device) if out is None else out
     if S == 0 or V == 0:
         return out.fill_(0)
     if logits.stride(1) != 1:
@@ -73,6 +73,7 @@ def argmax(logits: torch.Tensor, block: int = 1024) -> torch.Tensor:
     return out
 
 
-def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
-    """The first index of each row's largest value (rows of NaN aside)."""
-    return logits.argmax(-1)
+def argmax_ref(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The first index of each row's largest value (rows of NaN aside), into ``out`` if given
+    (a contiguous int64 [S])."""
+    return logits.argmax(-1) if out is None else torch.argmax(logits, -1, out=out)

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from kernels.step_inputs import fill_step_inputs_ref
 from mii.config import SamplingParams
 from mii.engine.inputs import StepInputs
 from mii.engine.scheduler import ScheduledSeq
@@ -74,6 +75,16 @@ def test_pack_matches_a_per_token_construction(seed):
     assert got == want
     assert inputs.num_fed == sum(1 for item in batch if item.seq.num_pending)
     assert ids.dtype == torch.long and ctx.block_tables.dtype == torch.int32
+    # a CUDA graph's fill (its torch reference here) reads the same packed step alike
+    T, B, W = len(want[0]), len(batch), len(want[6][0])
+    out = dict(input_ids=torch.zeros(T, dtype=torch.long), positions=torch.zeros(T, dtype=torch.long),
+               slots=torch.zeros(T, dtype=torch.long), tables=torch.zeros(B, W + 3, dtype=torch.int32),
+               ctx_lens=torch.zeros(B, dtype=torch.int32), cu=torch.zeros(B + 1, dtype=torch.int32))
+    fill_step_inputs_ref(out, inputs.data, last, T, B, mixed=True)
+    assert (out["input_ids"].tolist(), out["positions"].tolist(), out["slots"].tolist(), out["cu"].tolist(),
+            out["ctx_lens"].tolist(), out["tables"][:, :W].tolist()) == want[:5] + want[6:]
+    wire = StepInputs.from_wire(inputs.header().tolist(), inputs.data.clone())
+    assert inputs.data.numel() == StepInputs.words(inputs.sizes) and wire.sizes == inputs.sizes
 
 
 def test_a_token_neither_known_nor_in_flight_is_an_error():

@@ -301,6 +301,9 @@ def test_argmax_matches_torch(S, V, block):
     for logits in (x.to(DEV), x.half().to(DEV)):
         assert torch.equal(amax.argmax(logits, block=block).cpu(), amax.argmax_ref(logits).cpu())
     assert amax.argmax(x[:, ::2].to(DEV), block=block).tolist() == x[:, ::2].argmax(-1).tolist()
+    buf = torch.full((S + 2,), -7, device=DEV)  # a decode graph writes into the runner's token buffer
+    amax.argmax(x.to(DEV), block=block, out=buf[:S])
+    assert buf.tolist() == amax.argmax_ref(x).tolist() + [-7, -7]
 
 
 def test_argmax_rejects_bad_input():
@@ -308,11 +311,14 @@ def test_argmax_rejects_bad_input():
         amax.argmax(torch.randn(4, device=DEV))
 
 
-@pytest.mark.parametrize("mixed,T,B,W,F", [(False, 3, 3, 5, 2), (False, 1, 1, 300, 1), (True, 40, 3, 7, 1),
-                                           (True, 600, 2, 4, 0)])
-def test_fill_step_inputs_matches_torch(mixed, T, B, W, F):
-    """One launch writes a step into a CUDA graph's buffers (with padding and the ids fed from
-    the last step's tokens) exactly as the torch copies do; what it must not touch stays."""
+@pytest.mark.parametrize("mixed,T,B,W,F,S", [(False, 3, 3, 5, 2, 3), (False, 1, 1, 300, 1, 1), (True, 40, 3, 7, 1, 5),
+                                             (True, 600, 2, 4, 0, 2), (True, 9, 2, 3, 1, 0)])
+def test_fill_step_inputs_matches_torch(mixed, T, B, W, F, S):
+    """One launch writes a packed step into a CUDA graph's buffers (with padding and the ids
+    fed from the last step's tokens) exactly as the torch copies do; what it must not touch
+    stays. The packing is the engine's own (StepInputs.of), so the layouts cannot drift."""
+    from mii.engine.inputs import StepInputs
+
     g = torch.Generator().manual_seed(T + B + W)
     n_tok, n_seq, max_blocks = (T + 5, 6, 320) if not mixed else (T + 17, 8, 320)
     def noise(*shape, dtype=torch.long):  # stale values the step must overwrite or leave
@@ -321,14 +327,14 @@ def test_fill_step_inputs_matches_torch(mixed, T, B, W, F):
                tables=noise(8, max_blocks, dtype=torch.int32), ctx_lens=noise(8, dtype=torch.int32),
                cu=noise(9, dtype=torch.int32))
     out = {k: v.clone().to(DEV) for k, v in ref.items()}
-    ids, pos, slots = (torch.randint(0, 1000, (T,), generator=g) for _ in range(3))
-    tables = torch.randint(0, 50, (B, W), generator=g, dtype=torch.int32)
-    ctx_lens = torch.randint(1, 90, (B,), generator=g, dtype=torch.int32)
-    cu = torch.sort(torch.randint(0, T + 1, (B + 1,), generator=g, dtype=torch.int32)).values
+    def ints(n, lo, hi):
+        return torch.randint(lo, hi, (n,), generator=g).tolist()
+    cu = sorted(ints(B + 1, 0, T + 1))
+    dst = torch.randperm(T, generator=g)[:F].tolist()
+    data = StepInputs.of(ints(T, 0, 1000), ints(T, 0, 1000), ints(T, 0, 1000), ints(S, 0, T), dst, ints(F, 0, 4),
+                         ints(B * W, 0, 50), cu, ints(B, 1, 90), W, pin=False).data
     last = torch.randint(0, 1000, (4,), generator=g)
-    feed = (torch.randperm(T, generator=g)[:F], torch.randint(0, 4, (F,), generator=g), last) if F else None
-    step_in.fill_step_inputs_ref(ref, ids, pos, slots, tables, ctx_lens, cu, feed, n_tok, n_seq, mixed)
-    dev = [t.to(DEV) for t in (ids, pos, slots, tables, ctx_lens, cu)]
-    step_in.fill_step_inputs(out, *dev, tuple(t.to(DEV) for t in feed) if feed else None, n_tok, n_seq, mixed)
+    step_in.fill_step_inputs_ref(ref, data, last, n_tok, n_seq, mixed)
+    step_in.fill_step_inputs(out, data.to(DEV), last.to(DEV), n_tok, n_seq, mixed)
     for k in ref:
         assert torch.equal(out[k].cpu(), ref[k]), k

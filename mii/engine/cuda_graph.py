@@ -15,9 +15,11 @@ device), so one capture serves any batch of the same padded shape:
   the final norm and LM head run eagerly on the rows that sample, so a 2,048-token
   prefill does not pay for 256 rows of logits.
 
-Inputs are copied into fixed buffers, in one launch (``kernels/step_inputs.py``), and the
-graph for the smallest fitting bucket is replayed. All graphs share one memory pool, the
-largest captured first.
+A step's packed inputs are copied into one fixed staging buffer and the graph for the
+smallest fitting bucket is replayed: its first kernel unpacks them into the buffers the
+rest was captured on (``kernels/step_inputs.py``), feeding the input ids still on the
+device from ``last``, the runner's buffer of the last step's tokens. All graphs share one
+memory pool, the largest captured first.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from kernels.step_inputs import fill_step_inputs
 from mii.model.decoder import BatchContext, DecoderModel
 from mii.model.ops import Ops
+from .inputs import HEADER, StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,9 @@ def token_buckets(max_tokens: int, max_seqs: int) -> list[int]:
 
 class StepGraphs:
     def __init__(self, model: DecoderModel, ops: Ops, max_seqs: int, max_tokens: int, max_blocks: int,
-                 device: torch.device, mixed: bool = True):
-        self.model, self.ops, self.device = model, ops, device
+                 last: torch.Tensor, mixed: bool = True):
+        self.model, self.ops, self.last = model, ops, last
+        device = last.device
         self.sizes = buckets(max_seqs)
         self.token_sizes = token_buckets(max_tokens, max_seqs) if mixed else []
         self.max_seqs = max_seqs
@@ -68,7 +72,8 @@ class StepGraphs:
         self.rows = torch.arange(max_seqs, dtype=torch.long, **z)
         self.buffers = dict(input_ids=self.input_ids, positions=self.positions, slots=self.slots, tables=self.tables,
                             ctx_lens=self.ctx_lens, cu=self.cu)
-        self.fill = fill_step_inputs  # fill_step_inputs_ref for A/B benchmarks
+        # the largest step a graph takes: T <= n tokens, as many logits rows, B <= max_seqs
+        self.stage = torch.zeros(StepInputs.words((n, max_seqs, max_blocks, n, max_seqs)), dtype=torch.long, **z)
         self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int], object] = {}
         self.pool = None
@@ -86,30 +91,33 @@ class StepGraphs:
         return BatchContext(self.positions[:t], self.slots[:t], self.tables, self.cu, self.ctx_lens, self.rows)
 
     def _pass(self, kind: str, n: int):
-        """Set the buffers up for the graph (kind, n) and return its forward pass."""
-        if kind == "decode":
+        """The work of graph (kind, n): unpack the staged step, then the forward pass."""
+        mixed = kind == "mixed"
+        fill = (self.buffers, self.stage, self.last, n, self.max_seqs if mixed else n, mixed)
+        if not mixed:
             ctx = self._decode_ctx(n)
 
             def decode():
+                fill_step_inputs(*fill)
                 logits = self.model(self.input_ids[:n], ctx, self.ops)
-                return logits, self.ops.argmax(logits)
+                return logits, self.ops.argmax(logits, out=self.last[:n])
             return decode
-        # mixed: one sequence holding all tokens; replays rewrite all of it
-        width = self.tables.shape[1] * self.model.layers[0].attn.k_cache.shape[1]
-        self.cu.fill_(n)
-        self.cu[0] = 0
-        self.ctx_lens.fill_(1)
-        self.ctx_lens[0] = min(n, width)
         ctx = self._mixed_ctx(n)
-        return lambda: self.model.hidden(self.input_ids[:n], ctx, self.ops)
+
+        def mixed_step():
+            fill_step_inputs(*fill)
+            return self.model.hidden(self.input_ids[:n], ctx, self.ops)
+        return mixed_step
 
     def passes(self) -> list:
-        """Every forward pass (and input fill) that :meth:`capture` runs, each a callable that
-        sets its own buffers up: for compiling their kernels first (mii/engine/precompile.py)."""
-        return [lambda kind=kind, n=n: self._pass(kind, n)() for kind, n in self._work()] + self._fills()
+        """Every pass that :meth:`capture` runs: for compiling their kernels first
+        (mii/engine/precompile.py)."""
+        self.stage.zero_()  # an empty step: every token and sequence is padding
+        return [self._pass(kind, n) for kind, n in self._work()]
 
     @torch.inference_mode()
     def capture(self) -> None:
+        self.stage.zero_()
         for kind, n in self._work():
             fn = self._pass(kind, n)
             fn()  # warm-up: compile/autotune outside capture
@@ -118,40 +126,29 @@ class StepGraphs:
                 self.outputs[kind, n] = fn()
             self.pool = g.pool()
             self.graphs[kind, n] = g
-        for fill in self._fills():  # compiled now, not in the first step that needs them
-            fill()
-        self.ctx_lens.fill_(1)
         torch.cuda.synchronize()
 
-    def _fills(self) -> list:
-        """The input fill of both kinds: a one-token, one-sequence step fed from a one-token last step."""
-        zero = torch.zeros(1, dtype=torch.long, device=self.device)
-        table, ctx_len = torch.zeros(1, 1, dtype=torch.int32, device=self.device), self.ctx_lens[:1].clone()
-        cu = torch.tensor([0, 1], dtype=torch.int32, device=self.device)
-        return [lambda mixed=mixed: self.fill(self.buffers, zero, zero, zero, table, ctx_len, cu, (zero, zero, zero),
-                                              1, 1, mixed) for mixed in (False, True)]
-
-    def key(self, T: int, B: int, S: int, width: int) -> tuple[str, int] | None:
-        """The graph for a step of T tokens over B sequences, S of which sample, or None."""
-        if B > self.max_seqs or width > self.tables.shape[1]:
+    def key(self, sizes: tuple[int, int, int, int, int]) -> tuple[str, int] | None:
+        """The graph for a step of these sizes (see StepInputs), or None."""
+        T, B, width, S, _ = sizes
+        if B > self.max_seqs or width > self.tables.shape[1] or StepInputs.words(sizes) > self.stage.numel():
             return None
         if T == B == S:
             return "decode", next(s for s in self.sizes if s >= B)
         return next((("mixed", t) for t in self.token_sizes if t >= T), None)
 
-    def run(self, key: tuple[str, int], input_ids: torch.Tensor, ctx: BatchContext,
-            feed: tuple | None = None, float32: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(self, key: tuple[str, int], inputs: StepInputs, float32: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for the step's logits rows (float32 from a decode graph, whatever
-        ``float32``) and, from a decode graph, their argmax (else None). Both are the
-        graph's buffers, which the next replay overwrites. ``feed``: see ``ModelRunner.forward``."""
+        ``float32``) and, from a decode graph, their argmax (else None), which is also in
+        ``last``. Both are the graph's buffers, which the next replay overwrites."""
         kind, n = key
-        T, B = input_ids.shape[0], ctx.block_tables.shape[0]
-        mixed = kind == "mixed"
-        self.fill(self.buffers, input_ids, ctx.positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens,
-                  ctx.cu_seqlens_q, feed, n, self.max_seqs if mixed else n, mixed)
+        T, B, _, S, _ = inputs.sizes
+        self.stage[:inputs.data.numel()].copy_(inputs.data, non_blocking=True)
         self.graphs[key].replay()
-        if not mixed:
+        if kind == "decode":
             logits, greedy = self.outputs[key]
             return logits[:B], greedy[:B]
         x, residual = self.outputs[key]
-        return self.model.head(x[:T], residual[:T], ctx.logits_indices, self.ops, float32), None
+        rows = self.stage[HEADER + 3 * T:HEADER + 3 * T + S]
+        return self.model.head(x[:T], residual[:T], rows, self.ops, float32), None

@@ -1,6 +1,8 @@
-"""A step's model inputs: packed on the host into two flat tensors (one per dtype), so
-that reaching the device costs two asynchronous copies, not one per field, and
-reaching another tensor-parallel rank costs one message."""
+"""A step's model inputs, packed on the host into one flat int64 tensor: a header of
+the sizes, the per-token and per-row values (int64), then the block tables and
+per-sequence values (int32, two to a word). Reaching the device costs one asynchronous
+copy, reaching another tensor-parallel rank one message, and a CUDA graph reads the
+whole step, sizes included, from one fixed buffer (``kernels/step_inputs.py``)."""
 from __future__ import annotations
 
 from array import array
@@ -12,12 +14,15 @@ from mii.model.decoder import BatchContext
 from .prompt_logprobs import PromptRows
 from .scheduler import ScheduledSeq
 
+HEADER = 5  # T tokens, B sequences, W table width, S logits rows, F fed ids
+
 
 @dataclass(slots=True)
 class StepInputs:
-    longs: torch.Tensor  # int64: ids | positions | slots | logits rows | feed dst | feed src
-    ints: torch.Tensor   # int32: block tables [B, W] | cu_seqlens [B + 1] | context lens [B]
-    sizes: tuple[int, int, int, int, int]  # T tokens, B sequences, W table width, S logits rows, F fed
+    # int64 words: header [5] | ids [T] | positions [T] | slots [T] | logits rows [S] | feed dst [F]
+    # | feed src [F], then int32 pairs: block tables [B, W] | cu_seqlens [B + 1] | context lens [B]
+    data: torch.Tensor
+    sizes: tuple[int, int, int, int, int]  # T, B, W, S, F as in the header
     prompt: PromptRows | None = None  # rank 0 only: set when some rows score prompt positions
 
     @classmethod
@@ -82,9 +87,22 @@ class StepInputs:
             if len(table) < width:
                 tables += pad[len(table):]
         prompt = PromptRows.of(len(logits_idx), score_rows, scored) if scored else None
-        longs = _tensor("q", ids + positions + slots + logits_idx + feed_dst + feed_src, pin)
-        ints = _tensor("i", tables + cu + ctx_lens, pin)
-        return cls(longs, ints, (t, len(batch), width, len(logits_idx), len(feed_dst)), prompt)
+        return cls.of(ids, positions, slots, logits_idx, feed_dst, feed_src, tables, cu, ctx_lens, width, pin, prompt)
+
+    @classmethod
+    def of(cls, ids: list[int], positions: list[int], slots: list[int], rows: list[int], feed_dst: list[int],
+           feed_src: list[int], tables: list[int], cu: list[int], ctx_lens: list[int], width: int, pin: bool,
+           prompt: PromptRows | None = None) -> StepInputs:
+        """Pack a step given field by field (``tables`` flat, ``width`` entries a sequence)."""
+        sizes = (len(ids), len(ctx_lens), width, len(rows), len(feed_dst))
+        words = array("q", sizes)
+        words += array("q", ids + positions + slots + rows + feed_dst + feed_src)
+        ints = array("i", tables + cu + ctx_lens)
+        if len(ints) % 2:
+            ints.append(0)
+        words.frombytes(ints.tobytes())  # C conversions, about 2.5x faster than torch.tensor
+        data = torch.frombuffer(words, dtype=torch.long)
+        return cls(data.pin_memory() if pin else data, sizes, prompt)
 
     @staticmethod
     def _feed(seq, index: int, last_rows: dict, row: int, feed_dst: list[int], feed_src: list[int]) -> None:
@@ -100,50 +118,32 @@ class StepInputs:
         return self.sizes[4]
 
     def to_device(self, device: torch.device, last_tokens: torch.Tensor | None) -> tuple[torch.Tensor, BatchContext]:
-        """Copy without blocking (pinned memory) and split. With ``last_tokens`` the fed ids
-        are gathered from it on the device, so the host never waits for the last step;
-        without, they stay 0 for the caller to fill (tensor-parallel peers receive them)."""
-        ids, ctx, feed = self.to_device_deferred(device, last_tokens)
-        if feed is not None:
-            dst, src, last = feed
-            ids[dst] = last[src]
-        return ids, ctx
-
-    def to_device_deferred(self, device: torch.device, last_tokens: torch.Tensor | None
-                           ) -> tuple[torch.Tensor, BatchContext, tuple | None]:
-        """As :meth:`to_device`, but the feed is returned, as (dst, src, last_tokens), for the
-        consumer to apply (``ids[dst] = last_tokens[src]``): a CUDA-graph step does it in the
-        same launch that fills the graph's buffers."""
+        """Copy without blocking (pinned memory) and split. The fed ids are gathered from
+        ``last_tokens`` (the last step's tokens by row) on the device, so the host never
+        waits for the last step."""
         T, B, W, S, F = self.sizes
-        longs = self.longs.to(device, non_blocking=True)
-        ints = self.ints.to(device, non_blocking=True)
-        ids, pos, slots, rows, dst, src = longs.split([T, T, T, S, F, F])
-        tables, cu, ctx_lens = ints.split([B * W, B + 1, B])
+        data = self.data.to(device, non_blocking=True)
+        n = HEADER + 3 * T + S + 2 * F
+        ids, pos, slots, rows, dst, src = data[HEADER:n].split([T, T, T, S, F, F])
+        tables, cu, ctx_lens = data[n:].view(torch.int32)[:B * W + 2 * B + 1].split([B * W, B + 1, B])
+        if F:
+            if last_tokens is None:
+                raise RuntimeError(f"the step feeds {F} input ids from the last step, which sampled none")
+            ids[dst] = last_tokens[src]
         ctx = BatchContext(positions=pos, slot_mapping=slots, block_tables=tables.view(B, W),
                            cu_seqlens_q=cu, context_lens=ctx_lens, logits_indices=rows)
-        return ids, ctx, (dst, src, last_tokens) if F and last_tokens is not None else None
+        return ids, ctx
 
     # -- the wire between tensor-parallel ranks ---------------------------------------
     def header(self) -> torch.Tensor:
         return torch.tensor(self.sizes, dtype=torch.long)
 
-    def payload(self) -> torch.Tensor:
-        return torch.cat([self.longs, self.ints.long()])
+    @staticmethod
+    def words(sizes: list[int] | tuple[int, ...]) -> int:
+        """int64 words of a step of these sizes (header included)."""
+        T, B, W, S, F = sizes
+        return HEADER + 3 * T + S + 2 * F + (B * W + 2 * B + 2) // 2
 
     @classmethod
-    def payload_size(cls, header: list[int]) -> int:
-        T, B, W, S, F = header
-        return 3 * T + S + 2 * F + B * W + 2 * B + 1
-
-    @classmethod
-    def from_wire(cls, header: list[int], payload: torch.Tensor) -> StepInputs:
-        T, B, W, S, F = header
-        n = 3 * T + S + 2 * F
-        return cls(payload[:n], payload[n:].int(), tuple(header))
-
-
-def _tensor(code: str, values: list[int], pin: bool) -> torch.Tensor:
-    """int64 ("q") or int32 ("i") values as a CPU tensor, pinned for an asynchronous copy
-    with ``pin``: the C conversion of ``array``, about 2.5x faster than ``torch.tensor``."""
-    t = torch.frombuffer(array(code, values), dtype=torch.long if code == "q" else torch.int32)
-    return t.pin_memory() if pin else t
+    def from_wire(cls, header: list[int], data: torch.Tensor) -> StepInputs:
+        return cls(data, tuple(header))

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from mii.config import EngineConfig
-from mii.model.decoder import BatchContext, DecoderModel
+from mii.model.decoder import DecoderModel
 from mii.model.fold import fold_norm_weights
 from mii.model.loader import load_model
 from mii.model.ops import ops_for
@@ -37,13 +37,14 @@ class ModelRunner:
         self.num_blocks = self._num_blocks()
         self._allocate_kv()
         self.sampler = Sampler(spec.vocab, eos_token_ids, device, config.seed)
+        # The last launched step's sampled tokens, still on the device, and each sampling
+        # sequence's row in them: the next step may take its input ids from there. A fixed
+        # buffer, so that a CUDA graph can read it (and a decode graph write its argmax there).
+        self.last = torch.zeros(config.max_num_seqs, dtype=torch.long, device=device)
+        self._last_rows: dict = {}
         self.graphs = self._capture_graphs()
         if device.type == "cuda":
             self.sampler.warm_up()
-        # The last launched step's sampled tokens, still on the device, and each sampling
-        # sequence's row in them: the next step may take its input ids from there.
-        self._last_tokens: torch.Tensor | None = None
-        self._last_rows: dict = {}
         self._greedy: torch.Tensor | None = None  # the argmax of the last forward's logits, if a graph gave it
 
     def _load(self, path: str) -> DecoderModel:
@@ -99,7 +100,7 @@ class ModelRunner:
             return None
         max_len = min(self.config.max_model_len or self.spec.max_positions, self.num_blocks * self.block_size)
         graphs = StepGraphs(self.model, self.ops, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                            -(-max_len // self.block_size), self.device)
+                            -(-max_len // self.block_size), self.last)
         try:
             if COMPILE_THREADS:  # on a cold Triton cache, every kernel at once rather than as met
                 with torch.inference_mode():
@@ -125,9 +126,7 @@ class ModelRunner:
     def step_logits(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, PromptRows | None]:
         """The step's logits rows, and which of them score prompt positions (None: all sample)."""
         inputs = self.pack(batch)
-        logits = self.forward(*inputs.to_device_deferred(self.device, self._last_tokens),
-                              float32=inputs.prompt is None)
-        return logits, inputs.prompt
+        return self.forward(inputs, float32=inputs.prompt is None), inputs.prompt
 
     @torch.inference_mode()
     def logits(self, batch: list[ScheduledSeq]) -> torch.Tensor:
@@ -135,22 +134,15 @@ class ModelRunner:
         logits, prompt = self.step_logits(batch)
         return logits if prompt is None else prompt.split(logits)[0].float()
 
-    def forward(self, input_ids: torch.Tensor, ctx: BatchContext, feed: tuple | None = None,
-                float32: bool = True) -> torch.Tensor:
-        """Replays a CUDA graph where one fits the step's shape (a choice made from shapes
-        alone, so every tensor-parallel rank makes the same one), else runs eagerly.
-        ``feed`` = (dst, src, last): ``input_ids[dst] = last[src]`` first."""
-        if self.graphs is not None:
-            (B, W), S = ctx.block_tables.shape, ctx.logits_indices.numel()
-            key = self.graphs.key(input_ids.numel(), B, S, W)
-            if key is not None:
-                logits, self._greedy = self.graphs.run(key, input_ids, ctx, feed, float32)
-                return logits
+    def forward(self, inputs: StepInputs, float32: bool = True) -> torch.Tensor:
+        """Replays a CUDA graph where one fits the step's shape (a choice made from sizes
+        alone, so every tensor-parallel rank makes the same one), else runs eagerly. Input
+        ids the host does not know yet are fed from ``last``."""
+        if self.graphs is not None and (key := self.graphs.key(inputs.sizes)) is not None:
+            logits, self._greedy = self.graphs.run(key, inputs, float32)
+            return logits
         self._greedy = None
-        if feed is not None:
-            dst, src, last = feed
-            input_ids[dst] = last[src]
-        return self.model(input_ids, ctx, self.ops, float32)
+        return self.model(*inputs.to_device(self.device, self.last), self.ops, float32)
 
     def shutdown(self) -> None:
         """Nothing to stop for a single rank (the TP runner stops its peers)."""
@@ -166,10 +158,12 @@ class ModelRunner:
             logits, scores = prompt.split(logits)
             logits = logits.float()
         if not sampling:
-            self._last_tokens, self._last_rows = None, {}
+            self._last_rows = {}
             return None, scores
         sampled = self.sampler.sample(logits, sampling, self._greedy if prompt is None else None)
-        self._last_tokens, self._last_rows = sampled.tokens, {seq: i for i, seq in enumerate(sampling)}
+        if sampled.tokens.data_ptr() != self.last.data_ptr():  # not a decode graph's own argmax
+            self.last[:len(sampling)].copy_(sampled.tokens)
+        self._last_rows = {seq: i for i, seq in enumerate(sampling)}
         return sampled, scores
 
     @staticmethod

@@ -2,8 +2,9 @@
 
 Rank 0 is the engine's own process: it schedules, packs each step's inputs and sends
 them host to host over a gloo group, so the other ranks never wait on their GPU to
-learn the next step and can queue it while the last one runs. Input ids that rank 0
-feeds from its own last sampled tokens (async scheduling) follow on the device group.
+learn the next step and can queue it while the last one runs. When a step feeds input
+ids from the last step's tokens (async scheduling), rank 0's tokens follow on the device
+group, and every rank feeds them alike.
 Every rank then runs the same forward pass on its slice of the weights (the layers'
 weight_loaders took only their slices) and its heads of the KV cache. Only rank 0
 samples. NCCL on CUDA, gloo on CPU.
@@ -111,11 +112,10 @@ class TPModelRunner(ModelRunner):
         self._check_peers()
         try:
             dist.broadcast(inputs.header(), src=0, group=TP.cpu_group)
-            dist.broadcast(inputs.payload(), src=0, group=TP.cpu_group)
-            input_ids, ctx = inputs.to_device(self.device, self._last_tokens)
-            if inputs.num_fed:
-                dist.broadcast(input_ids, src=0, group=TP.group)
-            return self.forward(input_ids, ctx, float32=inputs.prompt is None), inputs.prompt
+            dist.broadcast(inputs.data, src=0, group=TP.cpu_group)
+            if inputs.num_fed:  # the peers feed the same ids from rank 0's last tokens
+                dist.broadcast(self.last, src=0, group=TP.group)
+            return self.forward(inputs, float32=inputs.prompt is None), inputs.prompt
         except RuntimeError as e:  # a collective broke: say which rank, if one died
             self._check_peers()
             raise RankFailure(f"tensor-parallel step failed: {e}") from e
@@ -129,13 +129,12 @@ class TPModelRunner(ModelRunner):
                 sizes = header.tolist()
                 if sizes[0] == _STOP:
                     return
-                payload = torch.empty(StepInputs.payload_size(sizes), dtype=torch.long)
-                dist.broadcast(payload, src=0, group=TP.cpu_group)
-                inputs = StepInputs.from_wire(sizes, payload)
-                input_ids, ctx = inputs.to_device(self.device, None)
-                if inputs.num_fed:  # ids rank 0 took from its last sampled tokens
-                    dist.broadcast(input_ids, src=0, group=TP.group)
-                self.forward(input_ids, ctx)  # the same graph-or-eager choice as rank 0
+                data = torch.empty(StepInputs.words(sizes), dtype=torch.long)
+                dist.broadcast(data, src=0, group=TP.cpu_group)
+                inputs = StepInputs.from_wire(sizes, data)
+                if inputs.num_fed:  # rank 0's last sampled tokens, to feed the ids it has not seen
+                    dist.broadcast(self.last, src=0, group=TP.group)
+                self.forward(inputs)  # the same graph-or-eager choice as rank 0
 
     def _check_peers(self) -> None:
         for rank, proc in enumerate(getattr(self, "procs", []), start=1):
