@@ -20,9 +20,17 @@ def _sortable(x):
 
 @triton.jit
 def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr, V, s_l, s_n,
-                   BLOCK_V: tl.constexpr):
-    """One program per row. Top-k and top-p become thresholds on the sortable key, each
-    found by bisection over the 2^32 keys (at most 32 passes over the row, read from L2)."""
+                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, FAN: tl.constexpr):
+    """One program per row. Top-k becomes a threshold on the sortable key, found by a
+    FAN-way search over the 2^32 keys (passes over the row read from L2), which stops
+    once exactly k keys lie at or above a candidate.
+    Top-p needs no threshold: the race's winner j over the top-k set is kept if the mass
+    strictly above it is below p, and then it also wins among the kept tokens, which all
+    lie above it; if not, the kept tokens all lie strictly above j, and the race runs
+    again among those. Each round ends with probability at least p, so a row takes a few
+    passes where a bisection over the keys took 32. H100, one row of 50,257 (GPT-2's
+    vocabulary), temperature 0.8: top-p 0.95 371 -> 77 us, top-k 50 284 -> 209 us, both
+    491 -> 217 us; of 128,256: 967 -> 214, 1161 -> 574, 1747 -> 629 us (2026-11-24)."""
     row = tl.program_id(0).to(tl.int64)
     lrow = logits_ptr + row * s_l
     temp = tl.load(temp_ptr + row)
@@ -48,48 +56,55 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr,
         lo = key_lo.to(tl.int64)
         if (k > 0) & (k < V):  # largest key t with count(key >= t) >= k: the k-th largest
             hi = key_hi
-            while lo < hi:
-                mid = lo + (hi - lo + 1) // 2
-                n = 0
-                for s in range(0, V, BLOCK_V):
-                    x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
-                    n += tl.sum(((_sortable(x) >= mid) & (s + cols < V)).to(tl.int32), 0)
-                if n >= k:
-                    lo = mid
-                else:
-                    hi = mid - 1
+            fan = tl.arange(0, FAN).to(tl.int64)
+            kcols = tl.arange(0, BLOCK_K)
+            while lo < hi:  # count(key >= lo) >= k > count(key > hi)
+                cand = lo + ((hi - lo) * (fan + 1) + FAN - 1) // FAN  # in (lo, hi], the last one hi
+                c32 = cand.to(tl.int32)  # keys are int32: their compares cost half of int64's
+                n = tl.zeros([FAN], dtype=tl.int32)
+                for s in range(0, V, BLOCK_K):
+                    valid = s + kcols < V
+                    x = tl.load(lrow + s + kcols, mask=valid, other=float("-inf")) * inv_t
+                    key = tl.where(valid, _sortable(x), -2147483648)
+                    n += tl.sum((key[:, None] >= c32[None, :]).to(tl.int32), 0)
+                ok = n >= k  # true up to some candidate, false past it
+                lo = tl.maximum(lo, tl.max(tl.where(ok, cand, lo), 0))
+                hi = tl.minimum(hi, tl.min(tl.where(ok, hi, cand - 1), 0))
+                # exactly k keys at or above lo: they are the top k (a tie at the k-th largest
+                # would put more there), so lo separates them as well as the k-th key does
+                hi = tl.where(tl.min(tl.where(ok, n, 2147483647), 0) == k, lo, hi)
         m = best * inv_t
-        if p < 1.0:  # smallest t whose strictly-greater kept mass is below p: the top-p set is key >= t
-            z = 0.0
+        z = 0.0
+        if p < 1.0:  # the top-k set's mass
             for s in range(0, V, BLOCK_V):
                 x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
                 z += tl.sum(tl.where(_sortable(x) >= lo, tl.exp(x - m), 0.0), 0)
-            below = lo - 1  # mass above it is z >= p * z
-            above = key_hi  # mass above it is 0 < p * z (or p is 0: keep the best alone)
-            while above - below > 1:
-                mid = below + (above - below) // 2
-                mass = 0.0
-                for s in range(0, V, BLOCK_V):
-                    x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
-                    key = _sortable(x)
-                    mass += tl.sum(tl.where((key > mid) & (key >= lo), tl.exp(x - m), 0.0), 0)
-                if mass < p * z:
-                    above = mid
-                else:
-                    below = mid
-            lo = above
-        # The race among the kept tokens; probs need no normalizing for an argmax.
-        win = -1.0
-        for s in range(0, V, BLOCK_V):
-            valid = s + cols < V
-            x = tl.load(lrow + s + cols, mask=valid, other=float("-inf")) * inv_t
-            e = tl.load(noise_ptr + row * s_n + s + cols, mask=valid, other=1.0)
-            r = tl.where(valid & (_sortable(x) >= lo), tl.exp(x - m) / e, -1.0)
-            br = tl.max(r, 0)
-            bi = tl.argmax(r, 0)
-            if br > win:
-                token = s + bi
-            win = tl.maximum(win, br)
+        floor = lo  # the race runs among keys >= floor; probs need no normalizing for an argmax
+        racing = 1
+        while racing > 0:  # a comparison: the loop condition must be a 1-bit value
+            win = -1.0
+            for s in range(0, V, BLOCK_V):
+                valid = s + cols < V
+                x = tl.load(lrow + s + cols, mask=valid, other=float("-inf")) * inv_t
+                e = tl.load(noise_ptr + row * s_n + s + cols, mask=valid, other=1.0)
+                r = tl.where(valid & (_sortable(x) >= floor), tl.exp(x - m) / e, -1.0)
+                br = tl.max(r, 0)
+                bi = tl.argmax(r, 0)
+                if br > win:
+                    token = s + bi
+                win = tl.maximum(win, br)
+            racing = 0
+            if p < 1.0:
+                kj = _sortable(tl.load(lrow + token) * inv_t).to(tl.int64)
+                if kj < key_hi:  # the best token is always kept (p = 0 keeps it alone)
+                    above = 0.0
+                    for s in range(0, V, BLOCK_V):
+                        x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
+                        key = _sortable(x)
+                        above += tl.sum(tl.where((key > kj) & (key >= lo), tl.exp(x - m), 0.0), 0)
+                    if above >= p * z:  # j is out, and so is everything up to its key
+                        floor = kj + 1
+                        racing = 1
     tl.store(out_ptr + row, token)
 
 
@@ -99,8 +114,11 @@ def sample(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     exp_noise: torch.Tensor,
+    fan: int = 8,
+    block_k: int = 1024,
 ) -> torch.Tensor:
-    """Triton version of :func:`sample_ref`: one program per row, no sort."""
+    """Triton version of :func:`sample_ref`: one program per row, no sort. ``fan`` and
+    ``block_k``: the top-k search's thresholds per pass and columns per iteration."""
     S, V = logits.shape
     if logits.stride(-1) != 1 or exp_noise.stride(-1) != 1:
         raise ValueError("logits and exp_noise need a contiguous last dim")
@@ -108,7 +126,8 @@ def sample(
     if S:
         _sample_kernel[(S,)](logits, temperature, top_k, top_p, exp_noise, out, V,
                              logits.stride(0), exp_noise.stride(0),
-                             BLOCK_V=min(triton.next_power_of_2(V), 4096), num_warps=8)
+                             BLOCK_V=min(triton.next_power_of_2(V), 4096),
+                             BLOCK_K=min(triton.next_power_of_2(V), block_k), FAN=fan, num_warps=8)
     return out
 
 
@@ -136,7 +155,13 @@ def sample_ref(
     x = x.masked_fill(x < kth, float("-inf"))
     probs = x.softmax(-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
-    above = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token
+    before = sorted_p.cumsum(-1) - sorted_p  # mass sorted before each token
+    # Mass strictly above a token leaves out the tokens equal to it (fp16 logits tie often):
+    # each token takes the value at its tie group's first sorted position, so a tie group
+    # is kept or dropped whole, whatever order the sort left it in.
+    pos = torch.arange(V, device=x.device).expand_as(sorted_p)
+    starts = (pos == 0) | (sorted_p != sorted_p.roll(1, -1))
+    above = before.gather(-1, torch.where(starts, pos, 0).cummax(-1).values)
     drop_sorted = (above >= top_p.float()[:, None]) & (top_p.float() < 1.0)[:, None]
     drop_sorted[:, 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)

@@ -256,6 +256,8 @@ def _sampling_inputs(S, V, gen):
     top_p = torch.rand(S, generator=gen).clamp(min=0.05)
     top_p[::3] = 1.0
     top_p[5] = 0.0  # keeps the best token alone
+    logits[7] = logits[7].round()  # ties everywhere, the k-th largest among them
+    top_k[7], temperature[7] = 6, 1.0
     return logits, temperature, top_k, top_p
 
 
@@ -279,7 +281,8 @@ def test_sample_ref_filters():
     logits = torch.log(torch.tensor([[0.0625, 0.5, 0.125, 0.25, 0.0625]]))
     one = torch.ones(1)
     for k, p, kept in [(0, 1.0, {0, 1, 2, 3, 4}), (2, 1.0, {1, 3}), (0, 0.7, {1, 3}), (0, 0.75, {1, 3}),
-                       (0, 0.76, {1, 2, 3}), (3, 0.9, {1, 2, 3}), (4, 1.0, {0, 1, 2, 3, 4})]:
+                       (0, 0.76, {1, 2, 3}), (3, 0.9, {1, 2, 3}), (4, 1.0, {0, 1, 2, 3, 4}),
+                       (0, 0.9, {0, 1, 2, 3, 4})]:  # .875 above both tied tokens: kept together
         seen = set()
         for i in range(5):  # a tiny noise on token i makes it win if it is kept
             noise = torch.ones(1, 5)
