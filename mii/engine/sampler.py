@@ -57,9 +57,11 @@ class Sampler:
             for i, s in enumerate(seqs):
                 if s.generator is not None and not params[i].greedy:
                     noise[i].exponential_(generator=s.generator)
-            # one host-to-device copy for the three per-row parameters
+            # one host-to-device copy for the three per-row parameters, from pinned memory: from
+            # pageable memory the copy may wait for the device, and the host would stop
+            # running a step ahead of it
             knobs = torch.tensor([[p.temperature for p in params], [p.top_k for p in params],
-                                  [p.top_p for p in params]], dtype=torch.float32)
+                                  [p.top_p for p in params]], dtype=torch.float32, pin_memory=dev.type == "cuda")
             knobs = knobs.to(dev, non_blocking=True)  # rows stay contiguous for the kernel
             tokens = self.sample_fn(logits, knobs[0], knobs[1].long(), knobs[2], noise)
         return Sampled(tokens, *self._logprobs(raw, tokens, params))
