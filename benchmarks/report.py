@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -134,6 +135,11 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
         if "replay_ms" in bs1:
             wait += (f" A bare replay of the bs=1 decode graph (the GPU's share, no host work or sampling "
                      f"between steps): {bs1['replay_ms']:.3f} ms, {bs1['replay_pct_roofline']:.0f}% of the roofline.")
+        if o.get("decode_sampled"):
+            d = o["decode_sampled"][0]
+            wait += (f" Sampled (temperature {d['temperature']}, top-p {d['top_p']}, top-k {d['top_k']}), each "
+                     f"batch size's best of 3: " + "; ".join(f"bs={d['batch']} {d['ms_per_step']:.3f} ms/step, "
+                                                           f"{d['tok_s']:.0f} tok/s" for d in o["decode_sampled"]) + ".")
         lines += ["", f"Roofline at bs=1: {r['roofline_tok_s']:.0f} tok/s.{wait}", "",
                   f"Serving workload ({s['requests']} requests, prompts U[32,1024], outputs U[16,512], all at once): "
                   f"ours {s['output_tok_s']:.0f} output tok/s; TTFT mean/p50/p99 {s['ttft_ms']['mean']:.0f}/"
@@ -321,7 +327,8 @@ def _plot(runs, path: Path) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:  # say so: a silent skip left the plot a day stale once
+        print(f"matplotlib is not installed (pip install -e '.[bench]'): {path} was not redrawn", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(4 * max(1, len(runs)), 3.5), squeeze=False)
     for ax, r in zip(axes[0], runs):

@@ -62,6 +62,7 @@ def bench_model(name: str, root: Path, bw: float, hf_eager_batches: int, quick: 
         bs1["replay_ms"] = ours.replay_ms(eng, 1, 128 + 64)
         bs1["replay_pct_roofline"] = 100 * 1e3 / bs1["replay_ms"] / res["roofline_tok_s"]
     res["ours"]["decode"] = [bs1] + [ours.best_decode(eng, b) for b in (8, 32, 128)]
+    res["ours"]["decode_sampled"] = [{**ours.best_decode(eng, b, sampled=True), **ours.SAMPLED} for b in (1, 32)]
     res["ours"]["ttft_512_ms"] = ours.ttft(eng)
     workload = ours.serving_workload(200 if quick else 1000)
     res["ours"]["serving"] = ours.serve(eng, workload)
