@@ -19,18 +19,36 @@ def _sortable(x):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr, V, s_l, s_n,
-                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, FAN: tl.constexpr):
-    """One program per row. Top-k becomes a threshold on the sortable key, found by a
-    FAN-way search over the 2^32 keys (passes over the row read from L2), which stops
-    once exactly k keys lie at or above a candidate.
+def _kth_largest(keys, lo, hi, k):
+    """The largest t in [lo, hi] with count(keys >= t) >= k, given count(keys >= lo) >= k:
+    a bisection over int32 keys held in registers (padding -2^31)."""
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        n = tl.sum((keys >= mid.to(tl.int32)).to(tl.int32), 0)
+        lo = tl.where(n >= k, mid, lo)
+        hi = tl.where(n >= k, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr, work_ptr, V, s_l, s_n,
+                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, FAN: tl.constexpr, SUB: tl.constexpr,
+                   NSUB: tl.constexpr, CAP: tl.constexpr):
+    """One program per row. Top-k becomes a threshold on the sortable key, the k-th
+    largest. The first pass keeps each SUB-column piece's largest key (NSUB of them at
+    most, in ``work``); the k-th largest of those, found in registers, is a lower bound
+    with few keys above it. One more pass copies those keys to ``work`` (CAP at most),
+    where the k-th largest is found in registers too. Past CAP, a FAN-way search over the
+    keys from that bound on (passes over the row, read from L2), which stops once
+    exactly k keys lie at or above a candidate.
     Top-p needs no threshold: the race's winner j over the top-k set is kept if the mass
     strictly above it is below p, and then it also wins among the kept tokens, which all
     lie above it; if not, the kept tokens all lie strictly above j, and the race runs
     again among those. Each round ends with probability at least p, so a row takes a few
-    passes where a bisection over the keys took 32. H100, one row of 50,257 (GPT-2's
-    vocabulary), temperature 0.8: top-p 0.95 371 -> 77 us, top-k 50 284 -> 209 us, both
-    491 -> 217 us; of 128,256: 967 -> 214, 1161 -> 574, 1747 -> 629 us (2026-11-24)."""
+    passes where a bisection over the keys took 32 for each threshold. H100, one row of
+    50,257 (GPT-2's vocabulary), temperature 0.8, against those bisections: top-p 0.95
+    371 -> 77 us, top-k 50 286 -> 127 us, both 493 -> 136 us; of 128,256: 967 -> 214,
+    1199 -> 284, 1794 -> 329 us (2026-11-24)."""
     row = tl.program_id(0).to(tl.int64)
     lrow = logits_ptr + row * s_l
     temp = tl.load(temp_ptr + row)
@@ -38,12 +56,19 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr,
     p = tl.load(topp_ptr + row).to(tl.float32)
     cols = tl.arange(0, BLOCK_V)
     inv_t = 1.0 / tl.where(temp > 0, temp, 1.0)
+    wrow = work_ptr + row * (NSUB + CAP)
+    n_sub = (V + SUB - 1) // SUB  # piece i holds columns [i * SUB, (i + 1) * SUB)
+    pieces = (temp > 0) & (k > 0) & (k < V) & (k <= n_sub) & (n_sub <= NSUB)
     # Pass 1: the best logit (greedy's answer) and the key range.
     best = float("-inf")
     best_i = 0
     key_lo = 2147483647
     for s in range(0, V, BLOCK_V):
         x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf"))
+        if pieces:  # scaling by 1 / temperature keeps each piece's largest the largest
+            sub = s // SUB + tl.arange(0, BLOCK_V // SUB)
+            top = tl.max(tl.reshape(x, (BLOCK_V // SUB, SUB)), 1)
+            tl.store(wrow + sub, _sortable(top * inv_t), mask=sub < n_sub)
         bx = tl.max(x, 0)
         bi = tl.argmax(x, 0)
         if bx > best:  # strict: the first maximum wins, as torch.argmax
@@ -56,6 +81,25 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr,
         lo = key_lo.to(tl.int64)
         if (k > 0) & (k < V):  # largest key t with count(key >= t) >= k: the k-th largest
             hi = key_hi
+            if pieces:
+                tl.debug_barrier()  # the pieces' keys, stored by any thread, are read by all
+                sub = tl.arange(0, NSUB)
+                # k pieces reach this bound, so at least k keys do, all in those pieces
+                bound = _kth_largest(tl.load(wrow + sub, mask=sub < n_sub, other=-2147483648), lo, hi, k)
+                total = 0
+                for s in range(0, V, BLOCK_V):
+                    x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
+                    key = _sortable(x)
+                    up = (s + cols < V) & (key >= bound)
+                    at = total + tl.cumsum(up.to(tl.int32), 0) - 1
+                    tl.store(wrow + NSUB + at, key, mask=up & (at < CAP))
+                    total += tl.sum(up.to(tl.int32), 0)
+                lo = bound
+                if total <= CAP:
+                    tl.debug_barrier()
+                    c = tl.arange(0, CAP)
+                    lo = _kth_largest(tl.load(wrow + NSUB + c, mask=c < total, other=-2147483648), lo, hi, k)
+                    hi = lo
             fan = tl.arange(0, FAN).to(tl.int64)
             kcols = tl.arange(0, BLOCK_K)
             while lo < hi:  # count(key >= lo) >= k > count(key > hi)
@@ -124,10 +168,14 @@ def sample(
         raise ValueError("logits and exp_noise need a contiguous last dim")
     out = torch.empty(S, dtype=torch.int64, device=logits.device)
     if S:
-        _sample_kernel[(S,)](logits, temperature, top_k, top_p, exp_noise, out, V,
-                             logits.stride(0), exp_noise.stride(0),
-                             BLOCK_V=min(triton.next_power_of_2(V), 4096),
-                             BLOCK_K=min(triton.next_power_of_2(V), block_k), FAN=fan, num_warps=8)
+        block_v = min(triton.next_power_of_2(V), 4096)
+        sub = min(block_v, 128)
+        nsub = cap = 2048  # V up to 262,144 with 128-column pieces
+        work = torch.empty(S, nsub + cap, dtype=torch.int32, device=logits.device)
+        _sample_kernel[(S,)](logits, temperature, top_k, top_p, exp_noise, out, work, V,
+                             logits.stride(0), exp_noise.stride(0), BLOCK_V=block_v,
+                             BLOCK_K=min(triton.next_power_of_2(V), block_k), FAN=fan, SUB=sub,
+                             NSUB=nsub, CAP=cap, num_warps=8)
     return out
 
 

@@ -258,6 +258,7 @@ def _sampling_inputs(S, V, gen):
     top_p[5] = 0.0  # keeps the best token alone
     logits[7] = logits[7].round()  # ties everywhere, the k-th largest among them
     top_k[7], temperature[7] = 6, 1.0
+    logits[9], top_k[9] = 1.5, 5  # all tied: past the kernel's 2,048 candidates at V = 3000
     return logits, temperature, top_k, top_p
 
 
