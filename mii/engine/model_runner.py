@@ -42,10 +42,10 @@ class ModelRunner:
         # buffer, so that a CUDA graph can read it (and a decode graph write its argmax there).
         self.last = torch.zeros(config.max_num_seqs, dtype=torch.long, device=device)
         self._last_rows: dict = {}
+        self._greedy: torch.Tensor | None = None  # the argmax of the last forward's logits, if a graph gave it
         self.graphs = self._capture_graphs()
         if device.type == "cuda":
             self.sampler.warm_up()
-        self._greedy: torch.Tensor | None = None  # the argmax of the last forward's logits, if a graph gave it
 
     def _load(self, path: str) -> DecoderModel:
         """Load this rank's shard, then quantize it on the fly if asked: after slicing, so each
