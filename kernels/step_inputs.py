@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-HEADER = 5  # T, B, W, S, F: as mii/engine/inputs.py packs them
+HEADER = 5  # T, B, W, S, F: the words before a packed step's fields (mii/engine/inputs.py packs them)
 _HEADER = tl.constexpr(HEADER)  # the kernel may read only constexpr globals
 
 

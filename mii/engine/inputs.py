@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.step_inputs import HEADER  # T tokens, B sequences, W table width, S logits rows, F fed ids
 from mii.model.decoder import BatchContext
 from .prompt_logprobs import PromptRows
 from .scheduler import ScheduledSeq
-
-HEADER = 5  # T tokens, B sequences, W table width, S logits rows, F fed ids
 
 
 @dataclass(slots=True)
