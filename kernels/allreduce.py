@@ -3,7 +3,7 @@
 NCCL's all-reduce of one token's hidden state (8 KB) took 14-21 us inside a CUDA graph on
 2x H200, where the bytes cross NVLink in about a microsecond: the time is protocol, not
 transfer. Here one kernel does it all, each program owning one chunk of the message:
-1. it writes its chunk into every peer's symmetric-memory buffer, into the region kept for
+1. it writes its chunk into every peer's buffer (its memory mapped here), into the region kept for
    (this program, this call's parity, this rank), and raises a flag in that peer's
    signal pad;
 2. it waits for every peer's flag in its own pad (and lowers it), then sums the chunks,
@@ -35,7 +35,7 @@ from .norm import norm_params, norm_row, norm_warps
 from .pdl import enter
 
 MAX_PROGRAMS = 64
-SLOT0 = 1024  # our flags start past the signal-pad slots torch's own symm-mem ops use
+SLOT0 = 0  # the first flag of a signal pad (a pad is ours alone)
 
 
 @triton.jit
@@ -150,11 +150,16 @@ def _reduce_add_norm_kernel(x_ptr, lb_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, bu
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# Every kernel that waits on its peers: they must run on every rank or on none
+# (mii/engine/precompile.py skips them all while it records what to compile).
+EXCHANGE_KERNELS = (_one_shot_kernel, _gather_kernel, _reduce_add_norm_kernel)
+
+
 class PeerAllReduce:
     """In-place sum over ``world`` ranks for contiguous tensors up to ``max_bytes``; larger
     ones (prefill) stay with NCCL, which is faster there. ``buffers``/``pads``: every rank's
     buffer of :meth:`buffer_bytes` and signal pad, at this process's addresses (peer
-    memory over NVLink or PCIe P2P; :meth:`create` sets them up with torch's symmetric memory)."""
+    memory over NVLink or PCIe P2P; :meth:`create` sets them up over CUDA IPC)."""
 
     def __init__(self, rank: int, world: int, buffers: list[int], pads: list[int], device: torch.device,
                  max_bytes: int = 512 * 1024):
@@ -185,16 +190,15 @@ class PeerAllReduce:
 
     @classmethod
     def create(cls, group, device: torch.device, max_bytes: int = 512 * 1024) -> PeerAllReduce:
-        """Over the GPUs of ``group`` (one host), with torch's symmetric memory."""
-        import torch.distributed._symmetric_memory as symm_mem
+        """Over the GPUs of ``group`` (one host): each rank's buffer and signal pad in one
+        allocation, mapped into the peers (kernels/peer_memory.py). Collective; raises on
+        every rank if any rank cannot take part."""
+        from .peer_memory import PeerMemory
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        have = symm_mem.get_signal_pad_size() // 4
-        if cls.pad_slots(world) > have:
-            raise ValueError(f"signal pad of {have} slots is too small for {world} ranks")
-        buf = symm_mem.empty(cls.buffer_bytes(world, max_bytes), dtype=torch.uint8, device=device)
-        handle = symm_mem.rendezvous(buf, group)
-        self = cls(rank, world, list(handle.buffer_ptrs), list(handle.signal_pad_ptrs), device, max_bytes)
-        self._keep = (buf, handle)  # the peers map this memory for as long as we live
+        nbytes = cls.buffer_bytes(world, max_bytes)
+        mem = PeerMemory(nbytes + 4 * cls.pad_slots(world), group, device)
+        self = cls(rank, world, mem.ptrs, [p + nbytes for p in mem.ptrs], device, max_bytes)
+        self._keep = mem  # the peers write into this memory for as long as we live
         dist.barrier(group)
         return self
 

@@ -129,6 +129,40 @@ def test_all_gather_last_dim_interpreted(world):
     assert all(int(p.abs().sum()) == 0 for p in pads)
 
 
+def _agreement_rank(r, world, port, q):
+    import torch.distributed as dist
+    from kernels.peer_memory import PeerMemory, _agree
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world)
+    seen = []
+    # only the last rank fails: every rank must raise, naming it, and none go on alone
+    try:
+        _agree(dist.group.WORLD, r != world - 1, "handle" if r != world - 1 else "no P2P here", "sharing")
+    except RuntimeError as e:
+        seen.append(str(e))
+    assert _agree(dist.group.WORLD, True, r, "sharing") == list(range(world))
+    try:  # no CUDA in this process: every rank reports its own failure
+        PeerMemory(4096, dist.group.WORLD, torch.device("cpu"))
+    except RuntimeError as e:
+        seen.append(str(e))
+    dist.destroy_process_group()
+    q.put((r, seen))
+
+
+def test_peer_memory_ranks_fail_together():
+    """Setting up peer memory is all or nothing: a rank that cannot share or map its
+    buffer makes every rank raise (and fall back to NCCL together), never one rank alone,
+    which would leave the other spinning on flags nobody raises."""
+    world = 3
+    q = mp.get_context("spawn").SimpleQueue()
+    _run_ranks(world, _agreement_rank, (world, 29100 + os.getpid() % 1000, q), timeout=120)
+    seen = dict(q.get() for _ in range(world))
+    for r in range(world):
+        sharing, cuda = seen[r]
+        assert sharing == f"sharing failed on rank {world - 1}: no P2P here"
+        assert cuda.startswith("sharing peer memory failed on rank 0: ")
+        assert all(f"rank {p}: " in cuda for p in range(world))
+
+
 def _gpu_rank(r, world, port, q):
     import torch.distributed as dist
     from kernels.allreduce import PeerAllReduce

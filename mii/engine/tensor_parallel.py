@@ -88,7 +88,7 @@ def _set_groups(rank: int, world: int, device: torch.device, peer_memory: bool) 
         from kernels.allreduce import PeerAllReduce
         try:
             peer = PeerAllReduce.create(dist.group.WORLD, device)
-        except (RuntimeError, ValueError) as e:  # no P2P between these GPUs, or no symm-mem support
+        except (RuntimeError, ValueError) as e:  # no CUDA IPC or P2P between these GPUs (every rank raises alike)
             log.warning("peer-memory all-reduce unavailable, NCCL does all reduces: %s", e)
     set_tensor_parallel(rank, world, dist.group.WORLD, cpu, peer)
 
