@@ -43,15 +43,30 @@ class _Skipped:
 _SKIPPED = _Skipped()
 
 
+def _exchange_kernels() -> tuple:
+    from kernels.allreduce import EXCHANGE_KERNELS
+    return EXCHANGE_KERNELS
+
+
 @contextlib.contextmanager
 def deferred() -> Iterator[dict]:
     """Inside, a Triton kernel launch that would compile is skipped instead; the returned dict
-    collects {(kernel, cache key): (kernel, specialization)}, each specialization once."""
+    collects {(kernel, cache key): (kernel, specialization)}, each specialization once.
+
+    The tensor-parallel exchange kernels are skipped even when compiled: each waits for
+    its peers' flags, so a rank must launch one exactly when every peer does. A process
+    that built an engine before holds them compiled where a freshly spawned peer does not;
+    it ran them for real while the peer skipped them, and spun on flags no one raised (a
+    second TP=2 engine in one process hung, 2x H200, 2026-11-24)."""
     from triton import knobs
 
     seen: dict = {}
     stand_ins: list = []
     previous = knobs.runtime.jit_cache_hook
+    held = [(entry[0], dict(entry[0])) for kernel in _exchange_kernels()
+            for entry in getattr(kernel, "device_caches", {}).values()]  # none under the interpreter
+    for cache, _ in held:
+        cache.clear()
 
     def hook(*, key, fn, compile, **_) -> bool:
         kernel = fn.jit_function
@@ -69,6 +84,8 @@ def deferred() -> Iterator[dict]:
         for cache, key in stand_ins:
             if cache.get(key) is _SKIPPED:
                 del cache[key]
+        for cache, compiled in held:
+            cache.update(compiled)
 
 
 def compile_all(specs: Iterable[tuple], workers: int) -> int:
