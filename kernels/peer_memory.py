@@ -2,10 +2,12 @@
 
 The peer-memory all-reduce (allreduce.py) needs each rank's buffer and flags at this
 process's addresses. torch's symmetric memory did this, but its rendezvous (torch 2.11)
-names its store keys by how many rendezvous *this process* has made: a process that
-builds a second tensor-parallel engine (a test session, a notebook) is one ahead of its
-freshly spawned peers, and both sides wait for keys the other never writes until the
-store times out, two minutes, then fall back to NCCL (2x H200, 2026-11-24). Here the
+names its store keys by how many rendezvous *this process* has made (pytorch issue
+196082): a process that builds a second tensor-parallel engine (a test session, a
+notebook) is ahead of its freshly spawned peers, and both sides wait for keys the other
+never writes until the store times out, then fall back to NCCL. On 2x H200 (2026-11-24)
+four TP=2 engines built one after another in one process took about 9 minutes where
+they take 2 once this was replaced. Here the
 handles travel by ``all_gather_object`` on the group itself, so there is no count to
 drift, and every rank learns whether every other one succeeded, so they all make the
 same choice.
