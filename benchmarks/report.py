@@ -247,7 +247,9 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                      f"kernels, no all-reduce, no gather): {t['rank_alone']['bs1_ms_per_step']:.2f} ms/step, "
                      f"{t['rank_alone']['ratio_to_tp1']:.2f}x TP=1. That is TP=2 with exchanges that cost "
                      f"nothing; they add {t['tp2']['bs1_ms_per_step'] - t['rank_alone']['bs1_ms_per_step']:.2f} ms."]
-                    if "rank_alone" in t else []), ""]
+                    if "rank_alone" in t else []),
+                  *([f"- the rank alone (the line above): from {t['rank_alone_from']}."]
+                    if "rank_alone_from" in t else []), ""]
         if "tp2_profile" in t:  # rank 0's kernels per decode step (`--profile`), TP=1 against TP=2
             ps = [t["tp1_profile"], t["tp2_profile"]]
             names = ["TP=1", "TP=2"]
