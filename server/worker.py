@@ -213,10 +213,19 @@ async def serve(config: EngineConfig, replica_id: int = 0, host: str = "127.0.0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
 
+    dead: list[str] = []
+
     async def watch_engine() -> None:  # an engine that can step no more takes the replica down
         while not stop.is_set():
             if loop.failed is not None:
                 log.error("replica %d: engine failed, shutting down: %s", replica_id, loop.failed)
+                stop.set()
+            elif (why := engine.runner.dead_peer()) is not None:
+                # Seen here, not only by the next step: an idle replica must not stay up, and on
+                # GPUs a step in flight may never return (rank 0 spins on a flag of the peer-memory
+                # all-reduce that the dead rank will not raise).
+                log.error("replica %d: %s; shutting down", replica_id, why)
+                dead.append(why)
                 stop.set()
             await asyncio.sleep(0.25)
 
@@ -225,6 +234,11 @@ async def serve(config: EngineConfig, replica_id: int = 0, host: str = "127.0.0.
     watchdog.cancel()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if dead:  # the engine thread may be stuck on the device: fail what is queued, stop, leave at once
+        await server.stop(grace=0)
+        engine.runner.kill_peers()
+        logging.shutdown()
+        os._exit(3)
     await server.stop(grace=2)
     loop.shutdown()
     engine.shutdown()

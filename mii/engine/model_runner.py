@@ -147,6 +147,10 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Nothing to stop for a single rank (the TP runner stops its peers)."""
 
+    def dead_peer(self) -> str | None:
+        """A single rank has no peers to lose (see the TP runner)."""
+        return None
+
     @torch.inference_mode()
     def launch(self, batch: list[ScheduledSeq]) -> tuple[Sampled | None, PromptScores | None]:
         """Queue one step (forward, sampling and any prompt scoring) on the device without

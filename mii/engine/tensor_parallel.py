@@ -136,11 +136,23 @@ class TPModelRunner(ModelRunner):
                     dist.broadcast(self.last, src=0, group=TP.group)
                 self.forward(inputs)  # the same graph-or-eager choice as rank 0
 
-    def _check_peers(self) -> None:
+    def dead_peer(self) -> str | None:
+        """Why this replica cannot step any more, if a rank it spawned has died (ranks that
+        a launcher started are not watched here: their collectives time out instead)."""
         for rank, proc in enumerate(getattr(self, "procs", []), start=1):
             if not proc.is_alive():
-                raise RankFailure(f"tensor-parallel rank {rank} died (exit code {proc.exitcode}); "
-                                   f"this replica must be restarted")
+                return f"tensor-parallel rank {rank} died (exit code {proc.exitcode}); this replica must be restarted"
+        return None
+
+    def _check_peers(self) -> None:
+        if (why := self.dead_peer()) is not None:
+            raise RankFailure(why)
+
+    def kill_peers(self) -> None:
+        """Stop the ranks at once, without the orderly shutdown a wedged GPU could block."""
+        for p in getattr(self, "procs", []):
+            if p.is_alive():
+                p.kill()
 
     def shutdown(self) -> None:
         procs = getattr(self, "procs", [])
