@@ -213,8 +213,6 @@ async def serve(config: EngineConfig, replica_id: int = 0, host: str = "127.0.0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
 
-    dead: list[str] = []
-
     async def watch_engine() -> None:  # an engine that can step no more takes the replica down
         while not stop.is_set():
             if loop.failed is not None:
@@ -225,7 +223,6 @@ async def serve(config: EngineConfig, replica_id: int = 0, host: str = "127.0.0.
                 # GPUs a step in flight may never return (rank 0 spins on a flag of the peer-memory
                 # all-reduce that the dead rank will not raise).
                 log.error("replica %d: %s; shutting down", replica_id, why)
-                dead.append(why)
                 stop.set()
             await asyncio.sleep(0.25)
 
@@ -234,7 +231,9 @@ async def serve(config: EngineConfig, replica_id: int = 0, host: str = "127.0.0.
     watchdog.cancel()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if dead:  # the engine thread may be stuck on the device: fail what is queued, stop, leave at once
+    if engine.runner.dead_peer() is not None:
+        # Whichever noticed first, the engine thread or the watch: a step may still wait on the
+        # device for the dead rank, and an orderly shutdown would wait with it. Leave at once.
         await server.stop(grace=0)
         engine.runner.kill_peers()
         logging.shutdown()

@@ -43,11 +43,6 @@ class _Skipped:
 _SKIPPED = _Skipped()
 
 
-def _exchange_kernels() -> tuple:
-    from kernels.allreduce import EXCHANGE_KERNELS
-    return EXCHANGE_KERNELS
-
-
 @contextlib.contextmanager
 def deferred() -> Iterator[dict]:
     """Inside, a Triton kernel launch that would compile is skipped instead; the returned dict
@@ -60,10 +55,12 @@ def deferred() -> Iterator[dict]:
     second TP=2 engine in one process hung, 2x H200, 2026-11-24)."""
     from triton import knobs
 
+    from kernels.allreduce import EXCHANGE_KERNELS
+
     seen: dict = {}
     stand_ins: list = []
     previous = knobs.runtime.jit_cache_hook
-    held = [(entry[0], dict(entry[0])) for kernel in _exchange_kernels()
+    held = [(entry[0], dict(entry[0])) for kernel in EXCHANGE_KERNELS
             for entry in getattr(kernel, "device_caches", {}).values()]  # none under the interpreter
     for cache, _ in held:
         cache.clear()
