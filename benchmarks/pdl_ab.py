@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from kernels import pdl, skinny_gemm
-from mii.model.fold import FoldNorms
 from mii.model.layers import DecodeGemv
 
 from . import ours
@@ -41,17 +40,16 @@ def run(name: str, root: Path, modes: list[str], variants: list[str], prefetch: 
     cases = ((m, v, p, w, r, f) for m in modes for v in variants for p in prefetch for w in whole_mb for r in release
              for f in fold)
     for mode, v, p, w, r, f in cases:
-        FoldNorms.enabled = bool(f)
         skinny_gemm.SKINNY_PREFETCH = p
         skinny_gemm.SKINNY_PREFETCH_WHOLE_BYTES = int(w * 2**20)
         skinny_gemm.SKINNY_RELEASE = r
         gemv, use_pdl = VARIANTS[v]
         DecodeGemv.enabled = gemv  # with quantize, only the fp16 LM head changes kernel
         pdl.set_enabled(use_pdl)
-        eng, startup = ours.make_engine(path, quantize=None if mode == "fp16" else mode)
+        eng, startup = ours.make_engine(path, quantize=None if mode == "fp16" else mode, fold_norms=bool(f))
         ours.decode(eng, 1, new_tokens=16)  # warm the engine path once
         row = {"mode": mode, "variant": v, "prefetch": p, "prefetch_whole_mb": w, "release": r, "fold": f,
-               "folds": eng.runner.model.fold_norms and bool(f), "startup_s": startup,
+               "folds": eng.runner.model.fold_norms, "startup_s": startup,
                "bs1_ms": replay_ms(eng, 1), "bs8_ms": replay_ms(eng, 8)}
         for b in engine_batches:  # the whole engine step, host included
             d = ours.decode(eng, b)
@@ -61,7 +59,7 @@ def run(name: str, root: Path, modes: list[str], variants: list[str], prefetch: 
         eng.shutdown()
         del eng
         torch.cuda.empty_cache()
-    DecodeGemv.enabled = FoldNorms.enabled = True
+    DecodeGemv.enabled = True
     pdl.set_enabled(True)
     skinny_gemm.SKINNY_PREFETCH, skinny_gemm.SKINNY_PREFETCH_WHOLE_BYTES, skinny_gemm.SKINNY_RELEASE = defaults
     return out
@@ -81,7 +79,7 @@ def main() -> None:
                     help="GEMV programs release the next kernel this many steps before their stream ends "
                          "(0: after it; default: each tile kind's own; one engine per value)")
     ap.add_argument("--fold", type=int, nargs="+", default=[1],
-                    help="1/0: decode steps fold the norms into the linears or not (mii/model/fold.py; "
+                    help="1/0: EngineConfig.fold_norms, whether decode steps fold the norms into the linears ("
                          "one engine per value, in the order given, so 1 0 1 0 alternates)")
     ap.add_argument("--engine-batches", type=int, nargs="*", default=[],
                     help="also time the engine's decode at these batch sizes (host work included)")

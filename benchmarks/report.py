@@ -216,15 +216,20 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
                   f"CUDA graphs: {t['tp2'].get('graphs')}.", "",
                   f"- bs=1 decode: TP=1 {t['tp1']['bs1_ms_per_step']:.2f} ms/step, TP=2 "
                   f"{t['tp2']['bs1_ms_per_step']:.2f} ms/step: {t['latency_ratio']:.2f}x the TP=1 latency.",
-                  f"- greedy outputs identical to TP=1: {t['identical_outputs']} (first 8 tokens agree on "
+                  f"- greedy outputs identical to {t.get('outputs_reference', 'TP=1')}: {t['identical_outputs']} "
+                  f"(first 8 tokens agree on "
                   f"{100 * t['first_token_agreement']:.0f}% of prompts"
                   + (f", the first token on {100 * t['one_token_agreement']:.0f}%" if "one_token_agreement" in t else "")
                   + ")"
-                  + (f"; first-token log-probabilities within {t['max_logprob_diff']:.1e} of TP=1's"
+                  + (f"; first-token log-probabilities within {t['max_logprob_diff']:.1e} of the reference's"
                      if "max_logprob_diff" in t else "")
                   + (f" (and within {t['max_logprob_diff_vs_fp16']['tp1']:.1e} and "
                      f"{t['max_logprob_diff_vs_fp16']['tp2']:.1e} of fp16's, for TP=1 and TP=2)"
                      if "max_logprob_diff_vs_fp16" in t else "") + ".",
+                  *([f"- the norm fold alone (TP=1 with and without it): outputs identical "
+                     f"{t['fold_identical_outputs']}, first-token log-probabilities within "
+                     f"{t['fold_max_logprob_diff']:.1e}; TP=2 identical to the folded TP=1: "
+                     f"{t['identical_to_folded_tp1']}."] if "fold_identical_outputs" in t else []),
                   *([f"- TP=2 with NCCL doing every all-reduce: {t['tp2_nccl']['bs1_ms_per_step']:.2f} ms/step "
                      f"({t['tp2_nccl']['bs1_ms_per_step'] / t['tp1']['bs1_ms_per_step']:.2f}x)"
                      + (f"; one NCCL all-reduce in a graph {t['allreduce_nccl_us']:.1f} us"

@@ -157,9 +157,21 @@ def _engines(args, res: dict, say) -> None:
             eng.shutdown()
             del eng
             torch.cuda.empty_cache()
-        for tp, peer in ((1, True), (2, False), (2, True)):  # TP=2 with NCCL alone, then as shipped
+        # TP=1, then TP=1 without the norm fold (when TP=1 folds: the ranks cannot, so that is
+        # the arithmetic TP=2 must reproduce), then TP=2 with NCCL alone, then as shipped.
+        for tp, peer, fold in ((1, True, True), (1, True, False), (2, False, True), (2, True, True)):
+            if not fold and not res["tp1"]["folds"]:
+                continue
             eng, startup = ours.make_engine(path, tensor_parallel=tp, enable_cuda_graph=not args.no_cuda_graph,
-                                            custom_all_reduce=peer, quantize=args.quantize)
+                                            custom_all_reduce=peer, quantize=args.quantize, fold_norms=fold)
+            if not fold:
+                tokens["tp1_unfolded"] = [o.token_ids for o in eng.generate(prompts, greedy)]
+                top5["tp1_unfolded"] = [dict(o.logprobs[0].top) for o in eng.generate(prompts, first_lp)]
+                say("TP=1 without the norm fold: outputs taken")
+                eng.shutdown()
+                del eng
+                torch.cuda.empty_cache()
+                continue
             if not peer:
                 res["tp2_nccl"] = {"bs1_ms_per_step": ours.decode(eng, 1)["ms_per_step"]}
                 say(f"TP=2 NCCL only: {res['tp2_nccl']['bs1_ms_per_step']:.2f} ms/step")
@@ -175,19 +187,25 @@ def _engines(args, res: dict, say) -> None:
             tokens[tp] = [o.token_ids for o in eng.generate(prompts, greedy)]
             top5[tp] = [dict(o.logprobs[0].top) for o in eng.generate(prompts, first_lp)]
             res[f"tp{tp}"] = {"startup_s": startup, "bs1_ms_per_step": d["ms_per_step"], "bs1_tok_s": d["tok_s"],
-                              "graphs": eng.runner.graphs is not None}
+                              "graphs": eng.runner.graphs is not None, "folds": eng.runner.model.fold_norms}
             say(f"TP={tp} measured: {d['ms_per_step']:.2f} ms/step")
             _save(args, res)  # so that a hang at shutdown loses nothing
             eng.shutdown()
             del eng
             torch.cuda.empty_cache()
         res["latency_ratio"] = res["tp2"]["bs1_ms_per_step"] / res["tp1"]["bs1_ms_per_step"]
-        res["identical_outputs"] = tokens[1] == tokens[2]
-        res["first_token_agreement"] = sum(a[:8] == b[:8] for a, b in zip(tokens[1], tokens[2])) / len(prompts)
+        ref = "tp1_unfolded" if "tp1_unfolded" in tokens else 1  # TP=1 in the ranks' arithmetic
+        res["outputs_reference"] = "TP=1 without the norm fold" if ref != 1 else "TP=1"
+        res["identical_outputs"] = tokens[ref] == tokens[2]
+        res["first_token_agreement"] = sum(a[:8] == b[:8] for a, b in zip(tokens[ref], tokens[2])) / len(prompts)
         # the first generated token alone (first_token_agreement above compares the first 8)
-        res["one_token_agreement"] = sum(a[:1] == b[:1] for a, b in zip(tokens[1], tokens[2])) / len(prompts)
-        # how far TP=2's first-token log-probabilities are from TP=1's (shared top-5 ids)
-        res["max_logprob_diff"] = _max_diff(top5[1], top5[2])
+        res["one_token_agreement"] = sum(a[:1] == b[:1] for a, b in zip(tokens[ref], tokens[2])) / len(prompts)
+        # how far TP=2's first-token log-probabilities are from the reference's (shared top-5 ids)
+        res["max_logprob_diff"] = _max_diff(top5[ref], top5[2])
+        if ref != 1:  # what the fold alone changes on one GPU
+            res["identical_to_folded_tp1"] = tokens[1] == tokens[2]
+            res["fold_identical_outputs"] = tokens[1] == tokens[ref]
+            res["fold_max_logprob_diff"] = _max_diff(top5[1], top5[ref])
         if "fp16" in top5:
             res["max_logprob_diff_vs_fp16"] = {f"tp{tp}": _max_diff(top5["fp16"], top5[tp]) for tp in (1, 2)}
 

@@ -53,6 +53,10 @@ class EngineConfig:
         so host work (scheduling, input packing, detokenizing) overlaps the GPU's.
     enable_prefix_caching: reuse the K/V of a prompt's longest already-computed prefix
         (whole blocks; ``mii/engine/block_manager.py``), as vLLM does by default.
+    fold_norms: at load, fold each block norm's weight into the linears it feeds, so that
+        decode steps run the norms inside their GEMVs (``mii/model/fold.py``), where the
+        model allows it (fp16/bf16 weights on one rank). False keeps the norms as kernels of
+        their own: the arithmetic that tensor-parallel ranks, which cannot fold, also run.
     seed: seed for unseeded sampling.
     """
 
@@ -73,6 +77,7 @@ class EngineConfig:
     custom_all_reduce: bool = True
     async_scheduling: bool = True
     enable_prefix_caching: bool = True
+    fold_norms: bool = True
     trust_remote_code: bool = False
     seed: int = 0
     show_progress: bool = True

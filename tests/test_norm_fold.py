@@ -147,45 +147,44 @@ def test_fold_norm_weights_keeps_the_function(arch, overrides, tmp_path):
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "OPTForCausalLM", "GPT2LMHeadModel"])
 def test_folded_decode_steps_match_unfolded_and_transformers(arch, tiny_model_dir):
     """The model wiring: an fp16 tiny model on the Triton ops (interpreted on the CPU), whose
-    steps of at most 16 tokens fold their norms, against the same steps unfolded and against
-    HF fp32. Unfolded on the CPU, the linears are torch's; on a GPU, the same decode kernel."""
+    steps of at most 16 tokens fold their norms, against an engine built with
+    ``fold_norms=False`` (the norms' own kernels, the weights as loaded) on the same steps and
+    against HF fp32. Unfolded on the CPU, the linears are torch's; on a GPU, the same decode kernel."""
     import transformers
 
     from mii.config import EngineConfig, SamplingParams
     from mii.engine.engine import LLMEngine
-    from mii.model.fold import FoldNorms
     from mii.model.ops import _TRITON, REFERENCE, Ops
 
     path = tiny_model_dir(arch)
-    eng = LLMEngine(EngineConfig(model=str(path), device=DEV, dtype="fp16", show_progress=False,
-                                 enable_cuda_graph=False))  # eager: the switch acts on every step
-    runner = eng.runner
-    triton_ops = {n: getattr(importlib.import_module(m), f) for n, (m, f) in _TRITON.items()}
     norms = []  # the norm kernels a step runs: folded, only the first block's input norm is left
+    triton_ops = {n: getattr(importlib.import_module(m), f) for n, (m, f) in _TRITON.items()}
     add_norm = triton_ops["add_norm"]
     triton_ops["add_norm"] = lambda *a: norms.append(1) or add_norm(*a)
-    runner.ops = Ops(**triton_ops, backend="triton")
-    assert runner.model.fold_norms and REFERENCE.backend == "torch"  # folded at load; unused on CPU ops
+    engines = []
+    for fold in (True, False):
+        eng = LLMEngine(EngineConfig(model=str(path), device=DEV, dtype="fp16", show_progress=False,
+                                     enable_cuda_graph=False, fold_norms=fold))
+        eng.runner.ops = Ops(**triton_ops, backend="triton")
+        assert eng.runner.model.fold_norms == fold and REFERENCE.backend == "torch"  # folded at load or not
+        engines.append(eng)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEV).eval()
-    rid = eng.add_request(eng.tokenizer.encode("DeepSpeed is a library"),
-                          SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
-    seq = eng.seqs[rid]
-    try:
-        for _ in range(4):  # the prompt (under 16 tokens: folded too), then decode steps
-            batch = eng.scheduler.schedule()
-            FoldNorms.enabled = False
-            plain = runner.logits(batch)[0]
-            assert len(norms) == 2 * 2 + 1  # two blocks' two norms and the final one
-            norms.clear()
-            FoldNorms.enabled = True
-            folded = runner.logits(batch)[0]
-            assert len(norms) == 1 + (not runner.model.head_folded)  # the first block's; a tied head's final
-            norms.clear()
-            with torch.no_grad():
-                ref = hf(torch.tensor([seq.token_ids], device=DEV)).logits[0, -1].float()
-            scale = ref.abs().max()
-            assert ((folded - plain).abs().max() / scale).item() < 5e-3  # fp16 roundings of the stats' order
-            assert ((folded - ref).abs().max() / scale).item() < 2e-2  # as the GPU parity test
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    prompt = engines[0].tokenizer.encode("DeepSpeed is a library")
+    seqs = [eng.seqs[eng.add_request(prompt, params)] for eng in engines]
+    for _ in range(4):  # the prompt (under 16 tokens: folded too), then decode steps
+        batches = [eng.scheduler.schedule() for eng in engines]
+        folded = engines[0].runner.logits(batches[0])[0]
+        assert len(norms) == 1 + (not engines[0].runner.model.head_folded)  # the first block's; a tied head's final
+        norms.clear()
+        plain = engines[1].runner.logits(batches[1])[0]
+        assert len(norms) == 2 * 2 + 1  # two blocks' two norms and the final one
+        norms.clear()
+        with torch.no_grad():
+            ref = hf(torch.tensor([seqs[0].token_ids], device=DEV)).logits[0, -1].float()
+        scale = ref.abs().max()
+        # fp16 roundings: of the folded weights, and of the statistics' order
+        assert ((folded - plain).abs().max() / scale).item() < 5e-3
+        assert ((folded - ref).abs().max() / scale).item() < 2e-2  # as the GPU parity test
+        for eng, batch in zip(engines, batches):
             eng.postprocess(batch, [int(ref.argmax())], [None])
-    finally:
-        FoldNorms.enabled = True

@@ -59,7 +59,7 @@ class ModelRunner:
         model = load_model(path, self.spec, self.dtype, self.device, self.config.show_progress)
         if mode is not None and saved is None:
             quantize_model(model, mode, self.config.quant_group_size, self.spec.policy.quantizable)
-        if mode is None and saved is None and model.foldable():  # fp16/bf16 decode folds its norms
+        if self.config.fold_norms and mode is None and saved is None and model.foldable():
             fold_norm_weights(model)
             model.fold_norms = True
         return model

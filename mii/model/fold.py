@@ -16,7 +16,7 @@ It applies where every linear runs the weight-streaming decode kernel on fp16/bf
 one rank (under TP the norm also sums the ranks' partials, ``kernels/allreduce.py``),
 sequential residual blocks, no quantization (its weights would have to be folded before
 they are quantized), at most ``SKINNY_M`` tokens in the step. A tied LM head keeps its final
-norm: folding it would change the embedding.
+norm: folding it would change the embedding. ``EngineConfig.fold_norms=False`` turns it off.
 """
 from __future__ import annotations
 
@@ -26,13 +26,6 @@ import torch
 import torch.nn as nn
 
 from kernels.skinny_gemm import SKINNY_M, RowNorm
-
-
-class FoldNorms:
-    """Process-wide switch for A/B benchmarks (``benchmarks/pdl_ab.py``); on by default. It is
-    read when a step runs, so a CUDA graph keeps what was on when it was captured."""
-
-    enabled = True
 
 
 @dataclass(slots=True)
@@ -98,6 +91,6 @@ def fold_norm_weights(model) -> None:
 
 
 def step_folds(input_ids: torch.Tensor) -> bool:
-    """Whether a step of these tokens folds its norms, given a model that can and the Triton
+    """Whether a step of these tokens folds its norms, given a folded model and the Triton
     ops (on CUDA; the CPU tests run them interpreted): decode sizes."""
-    return FoldNorms.enabled and input_ids.numel() <= SKINNY_M
+    return input_ids.numel() <= SKINNY_M
