@@ -19,15 +19,26 @@ def _sortable(x):
 
 
 @triton.jit
-def _kth_largest(keys, lo, hi, k):
-    """The largest t in [lo, hi] with count(keys >= t) >= k, given count(keys >= lo) >= k:
-    a bisection over int32 keys held in registers (padding -2^31)."""
+def _kth_largest(keys, lo, hi, k, FAN: tl.constexpr):
+    """The largest t in [lo, hi] with count(keys >= t) >= k, given count(keys >= lo) >= k,
+    over int32 keys held in registers (padding -2^31): each round counts the keys above FAN
+    thresholds at once, so the range shrinks FAN-fold per block-wide sum (a bisection took
+    32 of them, each a barrier)."""
+    fan = tl.arange(0, FAN).to(tl.int64)
     while lo < hi:
-        mid = lo + (hi - lo + 1) // 2
-        n = tl.sum((keys >= mid.to(tl.int32)).to(tl.int32), 0)
-        lo = tl.where(n >= k, mid, lo)
-        hi = tl.where(n >= k, hi, mid - 1)
+        cand = lo + ((hi - lo) * (fan + 1) + FAN - 1) // FAN  # in (lo, hi], the last one hi
+        n = tl.sum((keys[:, None] >= cand.to(tl.int32)[None, :]).to(tl.int32), 0)
+        ok = n >= k  # true up to some candidate, false past it
+        lo = tl.maximum(lo, tl.max(tl.where(ok, cand, lo), 0))
+        hi = tl.minimum(hi, tl.min(tl.where(ok, hi, cand - 1), 0))
     return lo
+
+
+@triton.jit
+def _first_max(v, idx):
+    """(max of v, the smallest idx where v takes it): per-lane running values reduced once."""
+    best = tl.max(v, 0)
+    return best, tl.min(tl.where(v == best, idx, 2147483647), 0)
 
 
 @triton.jit
@@ -44,61 +55,65 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr,
     Top-p needs no threshold: the race's winner j over the top-k set is kept if the mass
     strictly above it is below p, and then it also wins among the kept tokens, which all
     lie above it; if not, the kept tokens all lie strictly above j, and the race runs
-    again among those. Each round ends with probability at least p, so a row takes a few
-    passes where a bisection over the keys took 32 for each threshold. H100, one row of
-    50,257 (GPT-2's vocabulary), temperature 0.8, against those bisections: top-p 0.95
-    371 -> 77 us, top-k 50 286 -> 127 us, both 493 -> 136 us; of 128,256: 967 -> 214,
-    1199 -> 284, 1794 -> 329 us (2026-11-24)."""
+    again among those. Each round ends with probability at least p.
+    The passes keep per-lane running values (max, sum, winner) and reduce them once at
+    the end, and the keys at or above the bound take their slots by atomics: a block-wide
+    reduction or scan per iteration made each pass a chain of barriers. H100 (2026-11-24),
+    one row at temperature 0.8, us, before (per-iteration reductions, bisections, 8 warps
+    over 4,096 columns) -> now (32 warps over 16,384): vocabulary 128,256, top-k 50 and
+    top-p 0.95 328 -> 131, top-p 0.95 206 -> 79, top-k 50 282 -> 106, temperature only
+    160 -> 55; vocabulary 50,257, both filters 133 -> 94. 32 rows: 404 -> 169 (128,256)."""
     row = tl.program_id(0).to(tl.int64)
     lrow = logits_ptr + row * s_l
+    nrow = noise_ptr + row * s_n
     temp = tl.load(temp_ptr + row)
     k = tl.load(topk_ptr + row).to(tl.int32)
     p = tl.load(topp_ptr + row).to(tl.float32)
     cols = tl.arange(0, BLOCK_V)
     inv_t = 1.0 / tl.where(temp > 0, temp, 1.0)
-    wrow = work_ptr + row * (NSUB + CAP)
+    wrow = work_ptr + row * (NSUB + CAP + 1)
     n_sub = (V + SUB - 1) // SUB  # piece i holds columns [i * SUB, (i + 1) * SUB)
     pieces = (temp > 0) & (k > 0) & (k < V) & (k <= n_sub) & (n_sub <= NSUB)
-    # Pass 1: the best logit (greedy's answer) and the key range.
-    best = float("-inf")
-    best_i = 0
-    key_lo = 2147483647
+    # Pass 1: the best logit (greedy's answer, the first of equal ones as torch.argmax) and
+    # the key range.
+    v_best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    v_idx = tl.zeros([BLOCK_V], tl.int32)
+    v_lo = tl.full([BLOCK_V], 2147483647, tl.int32)
     for s in range(0, V, BLOCK_V):
-        x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf"))
+        valid = s + cols < V
+        x = tl.load(lrow + s + cols, mask=valid, other=float("-inf"))
         if pieces:  # scaling by 1 / temperature keeps each piece's largest the largest
             sub = s // SUB + tl.arange(0, BLOCK_V // SUB)
             top = tl.max(tl.reshape(x, (BLOCK_V // SUB, SUB)), 1)
             tl.store(wrow + sub, _sortable(top * inv_t), mask=sub < n_sub)
-        bx = tl.max(x, 0)
-        bi = tl.argmax(x, 0)
-        if bx > best:  # strict: the first maximum wins, as torch.argmax
-            best_i = s + bi
-        best = tl.maximum(best, bx)
-        key_lo = tl.minimum(key_lo, tl.min(tl.where(s + cols < V, _sortable(x * inv_t), 2147483647), 0))
-    token = best_i
+        up = x > v_best  # strict: a lane keeps its first maximum
+        v_idx = tl.where(up, s + cols, v_idx)
+        v_best = tl.where(up, x, v_best)
+        v_lo = tl.minimum(v_lo, tl.where(valid, _sortable(x * inv_t), 2147483647))
+    best, token = _first_max(v_best, v_idx)
     if temp > 0:
         key_hi = _sortable(best * inv_t).to(tl.int64)
-        lo = key_lo.to(tl.int64)
+        lo = tl.min(v_lo, 0).to(tl.int64)
         if (k > 0) & (k < V):  # largest key t with count(key >= t) >= k: the k-th largest
             hi = key_hi
             if pieces:
+                count = wrow + NSUB + CAP
+                tl.atomic_xchg(count, 0)
                 tl.debug_barrier()  # the pieces' keys, stored by any thread, are read by all
                 sub = tl.arange(0, NSUB)
                 # k pieces reach this bound, so at least k keys do, all in those pieces
-                bound = _kth_largest(tl.load(wrow + sub, mask=sub < n_sub, other=-2147483648), lo, hi, k)
-                total = 0
-                for s in range(0, V, BLOCK_V):
-                    x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
-                    key = _sortable(x)
+                bound = _kth_largest(tl.load(wrow + sub, mask=sub < n_sub, other=-2147483648), lo, hi, k, FAN)
+                for s in range(0, V, BLOCK_V):  # the keys at or above it, in any order
+                    key = _sortable(tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t)
                     up = (s + cols < V) & (key >= bound)
-                    at = total + tl.cumsum(up.to(tl.int32), 0) - 1
+                    at = tl.atomic_add(count + tl.zeros([BLOCK_V], tl.int32), 1, mask=up)
                     tl.store(wrow + NSUB + at, key, mask=up & (at < CAP))
-                    total += tl.sum(up.to(tl.int32), 0)
+                tl.debug_barrier()
+                total = tl.atomic_add(count, 0)
                 lo = bound
                 if total <= CAP:
-                    tl.debug_barrier()
                     c = tl.arange(0, CAP)
-                    lo = _kth_largest(tl.load(wrow + NSUB + c, mask=c < total, other=-2147483648), lo, hi, k)
+                    lo = _kth_largest(tl.load(wrow + NSUB + c, mask=c < total, other=-2147483648), lo, hi, k, FAN)
                     hi = lo
             fan = tl.arange(0, FAN).to(tl.int64)
             kcols = tl.arange(0, BLOCK_K)
@@ -120,33 +135,36 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr,
         m = best * inv_t
         z = 0.0
         if p < 1.0:  # the top-k set's mass
+            v_z = tl.zeros([BLOCK_V], tl.float32)
             for s in range(0, V, BLOCK_V):
                 x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
-                z += tl.sum(tl.where(_sortable(x) >= lo, tl.exp(x - m), 0.0), 0)
+                v_z += tl.where(_sortable(x) >= lo, tl.exp(x - m), 0.0)
+            z = tl.sum(v_z, 0)
         floor = lo  # the race runs among keys >= floor; probs need no normalizing for an argmax
         racing = 1
         while racing > 0:  # a comparison: the loop condition must be a 1-bit value
-            win = -1.0
+            v_win = tl.full([BLOCK_V], -1.0, tl.float32)
+            v_tok = tl.zeros([BLOCK_V], tl.int32)
             for s in range(0, V, BLOCK_V):
                 valid = s + cols < V
                 x = tl.load(lrow + s + cols, mask=valid, other=float("-inf")) * inv_t
-                e = tl.load(noise_ptr + row * s_n + s + cols, mask=valid, other=1.0)
+                e = tl.load(nrow + s + cols, mask=valid, other=1.0)
                 r = tl.where(valid & (_sortable(x) >= floor), tl.exp(x - m) / e, -1.0)
-                br = tl.max(r, 0)
-                bi = tl.argmax(r, 0)
-                if br > win:
-                    token = s + bi
-                win = tl.maximum(win, br)
+                up = r > v_win
+                v_tok = tl.where(up, s + cols, v_tok)
+                v_win = tl.where(up, r, v_win)
+            win, tok = _first_max(v_win, v_tok)
+            token = tl.where(win > -1.0, tok, token)  # a race with no runner keeps the token
             racing = 0
             if p < 1.0:
                 kj = _sortable(tl.load(lrow + token) * inv_t).to(tl.int64)
                 if kj < key_hi:  # the best token is always kept (p = 0 keeps it alone)
-                    above = 0.0
+                    v_above = tl.zeros([BLOCK_V], tl.float32)
                     for s in range(0, V, BLOCK_V):
                         x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
                         key = _sortable(x)
-                        above += tl.sum(tl.where((key > kj) & (key >= lo), tl.exp(x - m), 0.0), 0)
-                    if above >= p * z:  # j is out, and so is everything up to its key
+                        v_above += tl.where((key > kj) & (key >= lo), tl.exp(x - m), 0.0)
+                    if tl.sum(v_above, 0) >= p * z:  # j is out, and so is everything up to its key
                         floor = kj + 1
                         racing = 1
     tl.store(out_ptr + row, token)
@@ -160,22 +178,27 @@ def sample(
     exp_noise: torch.Tensor,
     fan: int = 8,
     block_k: int = 1024,
+    block_v: int = 16384,
+    num_warps: int = 32,
 ) -> torch.Tensor:
     """Triton version of :func:`sample_ref`: one program per row, no sort. ``fan`` and
-    ``block_k``: the top-k search's thresholds per pass and columns per iteration."""
+    ``block_k``: the top-k search's thresholds per round and columns per iteration;
+    ``block_v``: columns per iteration of the other passes. The defaults were the fastest
+    of 8 configurations on an H100 at both vocabularies above, at 1 and 32 rows (each
+    pass is a chain of dependent loads, so the widest program that does not spill wins)."""
     S, V = logits.shape
     if logits.stride(-1) != 1 or exp_noise.stride(-1) != 1:
         raise ValueError("logits and exp_noise need a contiguous last dim")
     out = torch.empty(S, dtype=torch.int64, device=logits.device)
     if S:
-        block_v = min(triton.next_power_of_2(V), 4096)
+        block_v = min(triton.next_power_of_2(V), block_v)
         sub = min(block_v, 128)
         nsub = cap = 2048  # V up to 262,144 with 128-column pieces
-        work = torch.empty(S, nsub + cap, dtype=torch.int32, device=logits.device)
+        work = torch.empty(S, nsub + cap + 1, dtype=torch.int32, device=logits.device)  # + a counter
         _sample_kernel[(S,)](logits, temperature, top_k, top_p, exp_noise, out, work, V,
                              logits.stride(0), exp_noise.stride(0), BLOCK_V=block_v,
                              BLOCK_K=min(triton.next_power_of_2(V), block_k), FAN=fan, SUB=sub,
-                             NSUB=nsub, CAP=cap, num_warps=8)
+                             NSUB=nsub, CAP=cap, num_warps=num_warps)
     return out
 
 
