@@ -259,6 +259,7 @@ def _sampling_inputs(S, V, gen):
     logits[7] = logits[7].round()  # ties everywhere, the k-th largest among them
     top_k[7], temperature[7] = 6, 1.0
     logits[9], top_k[9] = 1.5, 5  # all tied: past the kernel's 2,048 candidates at V = 3000
+    top_k[10], temperature[10] = 30, 0.7  # past the pieces (of 128 columns) at both vocabularies
     return logits, temperature, top_k, top_p
 
 
