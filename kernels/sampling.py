@@ -18,6 +18,25 @@ def _sortable(x):
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
+FIXED = tl.constexpr(2.0 ** 40)  # the candidates' fixed-point unit, 2^-40 (see the kernel)
+
+
+@triton.jit
+def _unsortable(key):
+    """The float32 whose :func:`_sortable` key this is (the same xor undoes it)."""
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fixed_sum(keys, mask, m):
+    """The sum of exp(x - m) over the keys' x where ``mask``, in fixed point (units of 2^-40;
+    each term is at most 1): an integer sum is exact in any order, and the candidates it is
+    taken over lie in no set order (atomics placed them), so a seeded request still draws
+    the same token every time."""
+    fixed = (tl.exp(_unsortable(keys) - m) * FIXED).to(tl.int64)
+    return tl.sum(tl.where(mask, fixed, 0), 0).to(tl.float32) / FIXED
+
+
 @triton.jit
 def _kth_largest(keys, lo, hi, k, FAN: tl.constexpr):
     """The largest t in [lo, hi] with count(keys >= t) >= k, given count(keys >= lo) >= k,
@@ -56,13 +75,16 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr,
     strictly above it is below p, and then it also wins among the kept tokens, which all
     lie above it; if not, the kept tokens all lie strictly above j, and the race runs
     again among those. Each round ends with probability at least p.
+    When top-k's candidates fit in CAP, they stay in registers with their columns, and the
+    mass, the race and top-p's check run on them alone: two passes over the row in all.
     The passes keep per-lane running values (max, sum, winner) and reduce them once at
     the end, and the keys at or above the bound take their slots by atomics: a block-wide
     reduction or scan per iteration made each pass a chain of barriers. H100 (2026-11-24),
-    one row at temperature 0.8, us, before (per-iteration reductions, bisections, 8 warps
-    over 4,096 columns) -> now (32 warps over 16,384): vocabulary 128,256, top-k 50 and
-    top-p 0.95 328 -> 131, top-p 0.95 206 -> 79, top-k 50 282 -> 106, temperature only
-    160 -> 55; vocabulary 50,257, both filters 133 -> 94. 32 rows: 404 -> 169 (128,256)."""
+    temperature 0.8, us, before (per-iteration reductions, bisections, 8 warps over 4,096
+    columns, every filter a pass) -> wide, reduced once -> candidates in registers:
+    128,256 columns, top-k 50 and top-p 0.95, one row 328 -> 131 -> 89 (32 rows: 404 before,
+    94 now); 50,257 columns, one row 133 -> 94 -> 73. Top-p alone, one row of 128,256: 206 -> 79
+    -> 81; the last step costs the rows without top-k 0-4 us (3-9%), cause not found."""
     row = tl.program_id(0).to(tl.int64)
     lrow = logits_ptr + row * s_l
     nrow = noise_ptr + row * s_n
@@ -71,7 +93,7 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr,
     p = tl.load(topp_ptr + row).to(tl.float32)
     cols = tl.arange(0, BLOCK_V)
     inv_t = 1.0 / tl.where(temp > 0, temp, 1.0)
-    wrow = work_ptr + row * (NSUB + CAP + 1)
+    wrow = work_ptr + row * (NSUB + 2 * CAP + 1)  # pieces, candidates' keys and columns, a counter
     n_sub = (V + SUB - 1) // SUB  # piece i holds columns [i * SUB, (i + 1) * SUB)
     pieces = (temp > 0) & (k > 0) & (k < V) & (k <= n_sub) & (n_sub <= NSUB)
     # Pass 1: the best logit (greedy's answer, the first of equal ones as torch.argmax) and
@@ -94,10 +116,19 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr,
     if temp > 0:
         key_hi = _sortable(best * inv_t).to(tl.int64)
         lo = tl.min(v_lo, 0).to(tl.int64)
+        # Top-k's candidates, when they fit: the keys at or above the bound and their columns,
+        # held in registers, so that the mass, the race and top-p make no more passes.
+        # (Their masses are computed again where needed rather than kept: fewer registers
+        # live through the passes, which a program of 32 warps has few of.)
+        m = best * inv_t
+        c = tl.arange(0, CAP)
+        n_cand = 0
+        c_key = tl.full([CAP], -2147483648, tl.int32)
+        c_col = tl.zeros([CAP], tl.int32)
         if (k > 0) & (k < V):  # largest key t with count(key >= t) >= k: the k-th largest
             hi = key_hi
             if pieces:
-                count = wrow + NSUB + CAP
+                count = wrow + NSUB + 2 * CAP
                 tl.atomic_xchg(count, 0)
                 tl.debug_barrier()  # the pieces' keys, stored by any thread, are read by all
                 sub = tl.arange(0, NSUB)
@@ -108,12 +139,15 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr,
                     up = (s + cols < V) & (key >= bound)
                     at = tl.atomic_add(count + tl.zeros([BLOCK_V], tl.int32), 1, mask=up)
                     tl.store(wrow + NSUB + at, key, mask=up & (at < CAP))
+                    tl.store(wrow + NSUB + CAP + at, s + cols, mask=up & (at < CAP))
                 tl.debug_barrier()
                 total = tl.atomic_add(count, 0)
                 lo = bound
                 if total <= CAP:
-                    c = tl.arange(0, CAP)
-                    lo = _kth_largest(tl.load(wrow + NSUB + c, mask=c < total, other=-2147483648), lo, hi, k, FAN)
+                    n_cand = total
+                    c_key = tl.load(wrow + NSUB + c, mask=c < total, other=-2147483648)
+                    c_col = tl.load(wrow + NSUB + CAP + c, mask=c < total, other=0)
+                    lo = _kth_largest(c_key, lo, hi, k, FAN)
                     hi = lo
             fan = tl.arange(0, FAN).to(tl.int64)
             kcols = tl.arange(0, BLOCK_K)
@@ -132,39 +166,51 @@ def _sample_kernel(logits_ptr, temp_ptr, topk_ptr, topp_ptr, noise_ptr, out_ptr,
                 # exactly k keys at or above lo: they are the top k (a tie at the k-th largest
                 # would put more there), so lo separates them as well as the k-th key does
                 hi = tl.where(tl.min(tl.where(ok, n, 2147483647), 0) == k, lo, hi)
-        m = best * inv_t
+        live = c < n_cand
         z = 0.0
         if p < 1.0:  # the top-k set's mass
-            v_z = tl.zeros([BLOCK_V], tl.float32)
-            for s in range(0, V, BLOCK_V):
-                x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
-                v_z += tl.where(_sortable(x) >= lo, tl.exp(x - m), 0.0)
-            z = tl.sum(v_z, 0)
+            if n_cand > 0:
+                z = _fixed_sum(c_key, live & (c_key >= lo), m)
+            else:
+                v_z = tl.zeros([BLOCK_V], tl.float32)
+                for s in range(0, V, BLOCK_V):
+                    x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
+                    v_z += tl.where(_sortable(x) >= lo, tl.exp(x - m), 0.0)
+                z = tl.sum(v_z, 0)
         floor = lo  # the race runs among keys >= floor; probs need no normalizing for an argmax
         racing = 1
         while racing > 0:  # a comparison: the loop condition must be a 1-bit value
-            v_win = tl.full([BLOCK_V], -1.0, tl.float32)
-            v_tok = tl.zeros([BLOCK_V], tl.int32)
-            for s in range(0, V, BLOCK_V):
-                valid = s + cols < V
-                x = tl.load(lrow + s + cols, mask=valid, other=float("-inf")) * inv_t
-                e = tl.load(nrow + s + cols, mask=valid, other=1.0)
-                r = tl.where(valid & (_sortable(x) >= floor), tl.exp(x - m) / e, -1.0)
-                up = r > v_win
-                v_tok = tl.where(up, s + cols, v_tok)
-                v_win = tl.where(up, r, v_win)
-            win, tok = _first_max(v_win, v_tok)
+            if n_cand > 0:  # every key >= floor is a candidate
+                e = tl.load(nrow + c_col, mask=live, other=1.0)
+                mass = tl.exp(_unsortable(c_key) - m)
+                win, tok = _first_max(tl.where(live & (c_key >= floor), mass / e, -1.0), c_col)
+            else:
+                v_win = tl.full([BLOCK_V], -1.0, tl.float32)
+                v_tok = tl.zeros([BLOCK_V], tl.int32)
+                for s in range(0, V, BLOCK_V):
+                    valid = s + cols < V
+                    x = tl.load(lrow + s + cols, mask=valid, other=float("-inf")) * inv_t
+                    e = tl.load(nrow + s + cols, mask=valid, other=1.0)
+                    r = tl.where(valid & (_sortable(x) >= floor), tl.exp(x - m) / e, -1.0)
+                    up = r > v_win
+                    v_tok = tl.where(up, s + cols, v_tok)
+                    v_win = tl.where(up, r, v_win)
+                win, tok = _first_max(v_win, v_tok)
             token = tl.where(win > -1.0, tok, token)  # a race with no runner keeps the token
             racing = 0
             if p < 1.0:
                 kj = _sortable(tl.load(lrow + token) * inv_t).to(tl.int64)
                 if kj < key_hi:  # the best token is always kept (p = 0 keeps it alone)
-                    v_above = tl.zeros([BLOCK_V], tl.float32)
-                    for s in range(0, V, BLOCK_V):
-                        x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
-                        key = _sortable(x)
-                        v_above += tl.where((key > kj) & (key >= lo), tl.exp(x - m), 0.0)
-                    if tl.sum(v_above, 0) >= p * z:  # j is out, and so is everything up to its key
+                    if n_cand > 0:
+                        above = _fixed_sum(c_key, live & (c_key > kj) & (c_key >= lo), m)
+                    else:
+                        v_above = tl.zeros([BLOCK_V], tl.float32)
+                        for s in range(0, V, BLOCK_V):
+                            x = tl.load(lrow + s + cols, mask=s + cols < V, other=float("-inf")) * inv_t
+                            key = _sortable(x)
+                            v_above += tl.where((key > kj) & (key >= lo), tl.exp(x - m), 0.0)
+                        above = tl.sum(v_above, 0)
+                    if above >= p * z:  # j is out, and so is everything up to its key
                         floor = kj + 1
                         racing = 1
     tl.store(out_ptr + row, token)
@@ -194,7 +240,7 @@ def sample(
         block_v = min(triton.next_power_of_2(V), block_v)
         sub = min(block_v, 128)
         nsub = cap = 2048  # V up to 262,144 with 128-column pieces
-        work = torch.empty(S, nsub + cap + 1, dtype=torch.int32, device=logits.device)  # + a counter
+        work = torch.empty(S, nsub + 2 * cap + 1, dtype=torch.int32, device=logits.device)  # + a counter
         _sample_kernel[(S,)](logits, temperature, top_k, top_p, exp_noise, out, work, V,
                              logits.stride(0), exp_noise.stride(0), BLOCK_V=block_v,
                              BLOCK_K=min(triton.next_power_of_2(V), block_k), FAN=fan, SUB=sub,
