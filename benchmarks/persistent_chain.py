@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
 
 import torch
 import triton
@@ -224,23 +223,10 @@ def layer_chain(name: str, ks: int = 2048) -> list[tuple[int, int, int]]:
     return [(n, k, min(ks, k)) for n, k in base] * n_layers
 
 
-def _time_graph(fn, replays: int = 20) -> float:
+def _time_graph(fn) -> float:
     """Median us of a CUDA graph that calls fn once."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+    from .gemv import time_calls
+    return time_calls(fn, [()], min_calls=1, replays=20) * 1e6
 
 
 def _skinny_chain(chain: Chain):
