@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 
 import torch
 import triton
@@ -150,11 +151,11 @@ class Chain:
         self.cnt = torch.zeros(self.done_off + 2, dtype=torch.int32, device=device)
         parts = [(k // ks) * n for n, k, ks in shapes]
         self.part = torch.empty(max(sum(parts), 1), dtype=torch.float32, device=device)
-        meta, last = [], len(shapes) - 1
+        meta, last, part_offs = [], len(shapes) - 1, _offsets(parts)
         for g, (n, k, ks) in enumerate(shapes):
             nxt = shapes[g + 1] if g < last else (0, 0, 1)
             meta.append([self.w_offs[g], n, k, 0 if g == 0 else self.act_offs[g - 1], self.act_offs[g],  # 0-4
-                         k // ks, _offsets(parts)[g], bandc[g],  # 5 slices, 6 partials, 7 band counters
+                         k // ks, part_offs[g], bandc[g],  # 5 slices, 6 partials, 7 band counters
                          -1 if g == 0 else rdy[g], rdy[g + 1] if g < last else -1,  # 8-9 slice counters in, out
                          nxt[1], ks, nxt[2], ks // BN])  # 10 next K, 11 KS, 12 next KS, 13 bands per slice
         counts = [(n // BN) * (k // ks) for n, k, ks in shapes]
@@ -205,22 +206,21 @@ class Chain:
 
 
 def _offsets(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for n in sizes:
-        out.append(total)
-        total += n
-    return out
+    return list(itertools.accumulate(sizes, initial=0))[:-1]
 
 
-# Per layer, (N, K) of qkv, o, gate_up (or fc1), down (or fc2): the fused linears we run.
-LAYERS = {"llama-1b": (16, [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]),
-          "opt-1.3b": (24, [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]),
-          "mlp-1b": (16, [(16384, 2048), (2048, 8192)])}
+CHAINS = ("llama-1b", "opt-1.3b", "llama-1b:mlp")  # a model's layers, or only its MLP ("model:mlp")
 
 
 def layer_chain(name: str, ks: int = 2048) -> list[tuple[int, int, int]]:
-    n_layers, base = LAYERS[name]
-    return [(n, k, min(ks, k)) for n, k in base] * n_layers
+    """(N, K, KS) of every decode linear of the model's layers (benchmarks.gemv.linear_shapes), in order."""
+    from .gemv import linear_shapes
+    from .models import SHAPES
+    model, _, part = name.partition(":")
+    shapes = list(linear_shapes(model).values())
+    if part == "mlp":
+        shapes = shapes[2:]
+    return [(n, k, min(ks, k)) for n, k in shapes] * SHAPES[model][1]["num_hidden_layers"]
 
 
 def _time_graph(fn) -> float:
@@ -249,7 +249,7 @@ def main() -> None:
     from .gemv import copy_bandwidth
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    for name in LAYERS:
+    for name in CHAINS:
         chain = Chain(layer_chain(name), "cuda", wait=not args.no_wait)
         ideal = chain.w.numel() * 2 / bw * 1e6
         skinny = _time_graph(_skinny_chain(chain))
