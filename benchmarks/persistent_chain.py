@@ -173,7 +173,7 @@ class Chain:
     def launch(self):
         self._call((self.G,))
 
-    def fill_gpu(self) -> tuple[int, int]:
+    def fill_gpu(self, cap: int = 4) -> tuple[int, int]:
         """Set G to every program the GPU holds at once (the driver's occupancy, with all of L1
         as shared memory): all must be resident, or the waits deadlock. -> (per SM, registers)."""
         k = self._call((1,), warmup=True)
@@ -186,8 +186,8 @@ class Chain:
             ctypes.c_size_t(k.metadata.shared))
         if rc != 0:
             raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUDA error {rc}")
-        # at most 4 an SM: 5 (where the registers allowed) was slower (H100, 2026-11-24)
-        self.G = min(n.value, 4) * torch.cuda.get_device_properties(self.w.device).multi_processor_count
+        # at most cap an SM: 5 (where the registers allowed) was slower (H100, 2026-11-24)
+        self.G = min(n.value, cap) * torch.cuda.get_device_properties(self.w.device).multi_processor_count
         return n.value, k.n_regs
 
     def timed_out_waits(self) -> int:
