@@ -9,10 +9,15 @@ ring of RING weight tiles in flight, issued in the order it will consume them, a
 GEMV boundaries: the tiles of the items after a wait are already streaming in while it polls.
 Same work items, counters, split-K reduction and meta table as ``persistent_chain.Chain``.
 
-    python -m benchmarks.persistent_ring [--no-wait] [--ring N]
+Each atomic takes only the memory order it needs (``--sem 1``, the default): Triton's default,
+acq_rel, puts a fence before every poll and release, and a fence waits for the program's
+in-flight tiles. Flags carried in the data words themselves (NCCL's LL protocol), tried in
+commit 714a974, were slower and are not kept.
+
+    python -m benchmarks.persistent_ring [--no-wait] [--ring N] [--sem S] [--trace]
 
 GPU only: the Triton interpreter does not run Gluon. Figures are in
-``benchmarks/results/notes.md`` (twenty-seventh session).
+``benchmarks/results/notes.md`` (twenty-seventh and twenty-eighth sessions).
 """
 from __future__ import annotations
 
@@ -58,38 +63,6 @@ def _poll(ptr, POLL: gl.constexpr, SEM: gl.constexpr):
 
 
 @gluon.jit
-def _ll_load(ptrs, mask, epoch, timeout_ptr):
-    """LL: fp16 values stored as int32 words (flag << 16 | bits), read until every flag is this
-    launch's; a word is written whole, so a matching flag means its value is there."""
-    v = gl.load(ptrs, mask=mask, other=0, volatile=True)
-    spins = 0
-    while (gl.min(gl.where(mask, v >> 16, epoch)) != epoch) & (spins < SPIN_LIMIT):
-        v = gl.load(ptrs, mask=mask, other=0, volatile=True)
-        spins += 1
-    if spins >= SPIN_LIMIT:
-        gl.atomic_add(timeout_ptr, 1)
-    return (v & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True)
-
-
-@gluon.jit
-def _ll_pack32(y, epoch):
-    """LL: fp32 partials as int64 words, flag << 32 | bits."""
-    return y.to(gl.int32, bitcast=True).to(gl.uint32, bitcast=True).to(gl.int64) | (epoch.to(gl.int64) << 32)
-
-
-@gluon.jit
-def _ll_sum(p_ptrs, n, N, epoch, blk: gl.constexpr):
-    """LL: the sum of the first n slices' partials, in slice order, each read until its flag is this launch's."""
-    total = gl.zeros([p_ptrs.shape[0]], gl.float32, layout=gl.SliceLayout(1, blk))
-    for t in range(0, n):
-        v = gl.load(p_ptrs + t * N, volatile=True)
-        while gl.min(v >> 32) != epoch:
-            v = gl.load(p_ptrs + t * N, volatile=True)
-        total += (v & 0xFFFFFFFF).to(gl.int32).to(gl.float32, bitcast=True)
-    return total
-
-
-@gluon.jit
 def _tile_rec(rec_ptr, i, n_items):
     """(weight offset of item i's first tile, K, tiles), the producer's part of the record."""
     rec = rec_ptr + gl.minimum(i, n_items - 1) * NREC
@@ -118,11 +91,9 @@ def _issue(ring, w_ptr, rec_ptr, rows, cols, n_items, prod, slot, G, BK: gl.cons
 
 
 @gluon.jit
-def _ring_kernel(w_ptr, act_ptr, part_ptr, cnt_ptr, rec_ptr, trace_ptr, ll_ptr, pll_ptr, epoch_ptr, n_items, G, n_rdy,
-                 done_off,
+def _ring_kernel(w_ptr, act_ptr, part_ptr, cnt_ptr, rec_ptr, trace_ptr, n_items, G, n_rdy, done_off,
                  BN: gl.constexpr, BK: gl.constexpr, RING: gl.constexpr, KS_MAX: gl.constexpr, WAIT: gl.constexpr,
-                 POLL: gl.constexpr = 0, TRACE: gl.constexpr = False, SEM: gl.constexpr = 0,
-                 LL: gl.constexpr = 0):
+                 POLL: gl.constexpr = 0, TRACE: gl.constexpr = False, SEM: gl.constexpr = 1):
     # Each thread copies and reads back the same 16-byte pieces of a tile, so a tile it waited
     # for is its own to read, and the slot it refills is one it finished with a tile ago.
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
@@ -133,7 +104,6 @@ def _ring_kernel(w_ptr, act_ptr, part_ptr, cnt_ptr, rec_ptr, trace_ptr, ll_ptr, 
     xs = gl.allocate_shared_memory(gl.float16, [KS_MAX // BK, BK], flat)  # the item's x, row t for tile t
     xs_rows = xs._reinterpret(gl.float16, [KS_MAX // BK, 1, BK], flat)  # the same bytes: row t is [1, BK]
     pid = gl.program_id(0)
-    epoch = gl.load(epoch_ptr)  # LL: this launch's flag, 1..65535; the last program out advances it
     prod = (pid, 0) + _tile_rec(rec_ptr, pid, n_items) + _tile_rec(rec_ptr, pid + G, n_items)
     for r in gl.static_range(RING - 1):
         prod = _issue(ring, w_ptr, rec_ptr, rows, cols, n_items, prod, r, G, BK)
@@ -153,30 +123,19 @@ def _ring_kernel(w_ptr, act_ptr, part_ptr, cnt_ptr, rec_ptr, trace_ptr, ll_ptr, 
         xr = gl.arange(0, KS_MAX // BK, layout=gl.SliceLayout(1, blk))
         x_ptrs = xr[:, None] * BK + cols[None, :]
         x_mask = (xr < T)[:, None] & (cols >= 0)[None, :]
-        if (LL == 2) & (rdy >= 0) & (rdy.to(gl.int32) != known):  # the counter as a hint, no fence
+        if WAIT & (rdy >= 0) & (rdy.to(gl.int32) != known):
+            c = _poll(cnt_ptr + rdy, POLL, SEM)
             spins = 0
-            while (gl.atomic_add(cnt_ptr + rdy, 0, sem="relaxed") < need) & (spins < SPIN_LIMIT):
-                spins += 1
-            known = rdy.to(gl.int32)
-        if LL == 0:
-            if WAIT & (rdy >= 0) & (rdy.to(gl.int32) != known):
+            while (c < need) & (spins < SPIN_LIMIT):
                 c = _poll(cnt_ptr + rdy, POLL, SEM)
-                spins = 0
-                while (c < need) & (spins < SPIN_LIMIT):
-                    c = _poll(cnt_ptr + rdy, POLL, SEM)
-                    spins += 1
-                if POLL == 1:  # seen by plain loads: one acquiring read orders the x loads after the writer's release
-                    gl.atomic_add(cnt_ptr + rdy, 0, sem="acquire")
-                if spins >= SPIN_LIMIT:
-                    gl.atomic_add(cnt_ptr + done_off + 1, 1)
-                known = rdy.to(gl.int32)
-            _stamp(trace_ptr, i, 1, TRACE)
-            x = gl.load(act_ptr + x_off + x_ptrs, mask=x_mask, other=0.0, cache_modifier=".cg")
-        else:  # the flags are in the data: the x slice itself, until every word is this launch's
-            x = _ll_load(ll_ptr + x_off + x_ptrs, x_mask & (rdy >= 0), epoch, cnt_ptr + done_off + 1)
-            _stamp(trace_ptr, i, 1, TRACE)
-            if rdy < 0:  # the chain's input, written by the host
-                x = gl.load(act_ptr + x_off + x_ptrs, mask=x_mask, other=0.0)
+                spins += 1
+            if POLL == 1:  # seen by plain loads: one acquiring read orders the x loads after the writer's release
+                gl.atomic_add(cnt_ptr + rdy, 0, sem="acquire")
+            if spins >= SPIN_LIMIT:
+                gl.atomic_add(cnt_ptr + done_off + 1, 1)
+            known = rdy.to(gl.int32)
+        _stamp(trace_ptr, i, 1, TRACE)
+        x = gl.load(act_ptr + x_off + x_ptrs, mask=x_mask, other=0.0, cache_modifier=".cg")
         # the item's x slice into shared memory, once, for all of its tiles
         gl.thread_barrier()  # the last item's reads of xs are done
         xs.store(x)
@@ -192,45 +151,22 @@ def _ring_kernel(w_ptr, act_ptr, part_ptr, cnt_ptr, rec_ptr, trace_ptr, ll_ptr, 
         _stamp(trace_ptr, i, 2, TRACE)
         y = gl.sum(acc, axis=1)
         final = S == 1
-        if LL > 0:
-            if S > 1:
-                p_ptrs = pll_ptr + p_off + rows
-                if LL == 1:  # every slice but the last posts its partial; the last, issued last, sums
-                    if s < S - 1:
-                        gl.store(p_ptrs + s * N, _ll_pack32(y, epoch))
-                    else:
-                        y = _ll_sum(p_ptrs, S - 1, N, epoch, blk) + y
-                        final = True
-                else:  # every slice posts; the last to count (relaxed: a hint) sums in a fixed order
-                    gl.store(p_ptrs + s * N, _ll_pack32(y, epoch))
-                    if gl.atomic_add(cnt_ptr + bc, 1, sem="relaxed") == S - 1:
-                        y = _ll_sum(p_ptrs, S, N, epoch, blk)
-                        final = True
-                        gl.atomic_xchg(cnt_ptr + bc, 0, sem="relaxed")
-            if final:
-                yh = y.to(gl.float16)
-                gl.store(act_ptr + y_off + rows, yh)
-                gl.store(ll_ptr + y_off + rows, yh.to(gl.int16, bitcast=True).to(gl.uint16, bitcast=True).to(gl.int32)
-                         | (epoch << 16))
-                if (LL == 2) & (rdy_out >= 0):
-                    gl.atomic_add(cnt_ptr + rdy_out, 1, sem="relaxed")
-        else:
-            if S > 1:  # split-K: the last slice to arrive sums the partials in a fixed order
-                p_ptrs = part_ptr + p_off + rows
-                gl.store(p_ptrs + s * N, y)
-                gl.thread_barrier()  # every thread's partial is stored before the count is released
-                if gl.atomic_add(cnt_ptr + bc, 1, sem=_sem(SEM, "acq_rel")) == S - 1:
-                    total = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, blk))
-                    for t2 in range(0, S):
-                        total += gl.load(p_ptrs + t2 * N, cache_modifier=".cg")
-                    y = total
-                    final = True
-                    gl.atomic_xchg(cnt_ptr + bc, 0)
-            if final:
-                gl.store(act_ptr + y_off + rows, y.to(gl.float16))
-                if rdy_out >= 0:
-                    gl.thread_barrier()
-                    gl.atomic_add(cnt_ptr + rdy_out, 1, sem=_sem(SEM, "release"))
+        if S > 1:  # split-K: the last slice to arrive sums the partials in a fixed order
+            p_ptrs = part_ptr + p_off + rows
+            gl.store(p_ptrs + s * N, y)
+            gl.thread_barrier()  # every thread's partial is stored before the count is released
+            if gl.atomic_add(cnt_ptr + bc, 1, sem=_sem(SEM, "acq_rel")) == S - 1:
+                total = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, blk))
+                for t2 in range(0, S):
+                    total += gl.load(p_ptrs + t2 * N, cache_modifier=".cg")
+                y = total
+                final = True
+                gl.atomic_xchg(cnt_ptr + bc, 0)
+        if final:
+            gl.store(act_ptr + y_off + rows, y.to(gl.float16))
+            if rdy_out >= 0:
+                gl.thread_barrier()
+                gl.atomic_add(cnt_ptr + rdy_out, 1, sem=_sem(SEM, "release"))
         _stamp(trace_ptr, i, 3, TRACE)
         i += G
     cp.wait_group(0)
@@ -239,23 +175,17 @@ def _ring_kernel(w_ptr, act_ptr, part_ptr, cnt_ptr, rec_ptr, trace_ptr, ll_ptr, 
         for r0 in range(0, n_rdy, 128):
             o = r0 + gl.arange(0, 128, layout=gl.SliceLayout(0, blk))
             gl.store(cnt_ptr + o, gl.zeros([128], gl.int32, layout=gl.SliceLayout(0, blk)), mask=o < n_rdy)
-        gl.store(epoch_ptr, epoch % 65535 + 1)  # never 0, what the buffers start as
         gl.atomic_xchg(cnt_ptr + done_off, 0)
 
 
 class RingChain(Chain):
     """``Chain`` run by the Gluon kernel: ``ring`` weight tiles in flight per program."""
 
-    def __init__(self, shapes, device, ring=8, poll=0, sem=0, ll=0, **kw):
+    def __init__(self, shapes, device, ring=8, poll=0, sem=1, **kw):
         super().__init__(shapes, device, **kw)
         if ring < 2:
             raise ValueError(f"a ring of {ring} tiles cannot overlap loads with use")
-        self.ring, self.poll, self.sem, self.ll = ring, poll, sem, ll
-        # ll: outputs also as int32 (flag << 16 | fp16 bits) and split-K partials as int64
-        # (flag << 32 | fp32 bits), so a reader sees data and its readiness in one word
-        self.ll_act = torch.zeros(self.act.numel(), dtype=torch.int32, device=device)
-        self.ll_part = torch.zeros(self.part.numel(), dtype=torch.int64, device=device)
-        self.epoch = torch.ones(1, dtype=torch.int32, device=device)
+        self.ring, self.poll, self.sem = ring, poll, sem
         self.ks_max = max(ks for _, _, ks in shapes)
         self.rec = self.records().to(device)
         self.trace = self.rec  # any pointer: see trace_on
@@ -278,9 +208,8 @@ class RingChain(Chain):
         return rec
 
     def _call(self, grid, warmup=False):
-        args = (self.w, self.act, self.part, self.cnt, self.rec, self.trace, self.ll_act, self.ll_part, self.epoch,
-                self.n_items, self.G, self.n_rdy, self.done_off)
-        kw = dict(BN=self.BN, BK=self.BK, RING=self.ring, KS_MAX=self.ks_max, WAIT=self.wait, POLL=self.poll, SEM=self.sem, LL=self.ll, TRACE=self.trace is not self.rec,
+        args = (self.w, self.act, self.part, self.cnt, self.rec, self.trace, self.n_items, self.G, self.n_rdy, self.done_off)
+        kw = dict(BN=self.BN, BK=self.BK, RING=self.ring, KS_MAX=self.ks_max, WAIT=self.wait, POLL=self.poll, SEM=self.sem, TRACE=self.trace is not self.rec,
                   num_warps=self.num_warps)
         return _ring_kernel.warmup(*args, grid=grid, **kw) if warmup else _ring_kernel[grid](*args, **kw)
 
@@ -324,9 +253,7 @@ def main() -> None:
     ap.add_argument("--per-sm", type=int, default=4, help="at most this many programs an SM")
     ap.add_argument("--chains", nargs="+", default=list(CHAINS))
     ap.add_argument("--poll", type=int, default=0, help="0 atomics, 1 volatile loads then one acquire, 2 volatile only")
-    ap.add_argument("--sem", type=int, default=0, help="atomics: 0 acq_rel, 1 the order needed, 2 relaxed (wrong)")
-    ap.add_argument("--ll", type=int, default=0,
-                    help="0 counters with fences; flags in the data words: 1 alone, 2 with relaxed counters as hints")
+    ap.add_argument("--sem", type=int, default=1, help="atomics: 0 acq_rel, 1 the order needed, 2 relaxed (wrong)")
     ap.add_argument("--ks", type=int, default=2048, help="K-slice of an item")
     ap.add_argument("--trace", action="store_true", help="time stamps per item (llama-1b): where each boundary goes")
     args = ap.parse_args()
@@ -334,7 +261,7 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s")
     if args.trace:
-        chain = RingChain(layer_chain("llama-1b", args.ks), "cuda", ring=args.ring[0], poll=args.poll, sem=args.sem, ll=args.ll)
+        chain = RingChain(layer_chain("llama-1b", args.ks), "cuda", ring=args.ring[0], poll=args.poll, sem=args.sem)
         chain.fill_gpu(args.per_sm)
         chain.launch()
         trace_report(chain, bw)
@@ -343,12 +270,12 @@ def main() -> None:
         skinny = None
         for ring in args.ring:
             chain = RingChain(layer_chain(name, args.ks), "cuda", ring=ring, wait=not args.no_wait, BN=args.bn,
-                              poll=args.poll, sem=args.sem, ll=args.ll)
+                              poll=args.poll, sem=args.sem)
             ideal = chain.w.numel() * 2 / bw * 1e6
             skinny = skinny or _time_graph(_skinny_chain(chain))
             per_sm, regs = chain.fill_gpu(args.per_sm)
             ours = _time_graph(chain.launch)
-            print(f"{name} ring {ring} BN {args.bn} poll {args.poll} sem {args.sem} ll {args.ll} KS {args.ks}: {len(chain.shapes)} GEMVs, weights / copy bw {ideal:.1f} us; skinny chain "
+            print(f"{name} ring {ring} BN {args.bn} poll {args.poll} sem {args.sem} KS {args.ks}: {len(chain.shapes)} GEMVs, weights / copy bw {ideal:.1f} us; skinny chain "
                   f"{skinny:.1f} us ({ideal / skinny:.1%}); ring {ours:.1f} us ({ideal / ours:.1%}), {chain.G} programs "
                   f"({per_sm} fit an SM, {regs} registers), timed-out waits {chain.timed_out_waits()}")
 
