@@ -242,6 +242,20 @@ def _skinny_chain(chain: Chain):
     return run
 
 
+def compare(chain: Chain, name: str, label: str, bw: float, skinny: float | None = None, per_sm: int = 4) -> float:
+    """Time ``chain`` (a whole launch, graph replay) against the skinny chain of its shapes, and print
+    both against its weights over copy bandwidth. Returns the skinny chain's time, so that a sweep
+    over variants of one chain times it once."""
+    ideal = chain.w.numel() * 2 / bw * 1e6
+    skinny = skinny or _time_graph(_skinny_chain(chain))
+    fit, regs = chain.fill_gpu(per_sm)
+    ours = _time_graph(chain.launch)
+    print(f"{name}, {label}: {len(chain.shapes)} GEMVs, weights / copy bw {ideal:.1f} us; skinny chain {skinny:.1f} us "
+          f"({ideal / skinny:.1%}); {label} {ours:.1f} us ({ideal / ours:.1%}), {chain.G} programs "
+          f"({fit} fit an SM, {regs} registers), timed-out waits {chain.timed_out_waits()}")
+    return skinny
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--no-wait", action="store_true", help="drop the waits: the streaming bound (wrong outputs)")
@@ -250,15 +264,7 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s")
     for name in CHAINS:
-        chain = Chain(layer_chain(name), "cuda", wait=not args.no_wait)
-        ideal = chain.w.numel() * 2 / bw * 1e6
-        skinny = _time_graph(_skinny_chain(chain))
-        per_sm, regs = chain.fill_gpu()
-        ours = _time_graph(chain.launch)
-        print(f"{name}: {len(chain.shapes)} GEMVs, weights / copy bandwidth {ideal:.1f} us; skinny chain {skinny:.1f} us "
-              f"({ideal / skinny:.1%}); persistent {ours:.1f} us ({ideal / ours:.1%}), {chain.G} programs "
-              f"({per_sm} fit an SM, {regs} registers), timed-out waits {chain.timed_out_waits()}")
-
+        compare(Chain(layer_chain(name), "cuda", wait=not args.no_wait), name, "persistent", bw)
 
 if __name__ == "__main__":
     main()

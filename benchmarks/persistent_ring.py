@@ -28,7 +28,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
-from .persistent_chain import CHAINS, Chain, _skinny_chain, _time_graph, layer_chain
+from .persistent_chain import CHAINS, Chain, compare, layer_chain
 
 NREC = gl.constexpr(16)  # int64 fields per item in the record table (RingChain.records names them)
 SPIN_LIMIT = gl.constexpr(1 << 20)  # a wait this long is a bug: count it in the last counter and go on
@@ -271,14 +271,8 @@ def main() -> None:
         for ring in args.ring:
             chain = RingChain(layer_chain(name, args.ks), "cuda", ring=ring, wait=not args.no_wait, BN=args.bn,
                               poll=args.poll, sem=args.sem)
-            ideal = chain.w.numel() * 2 / bw * 1e6
-            skinny = skinny or _time_graph(_skinny_chain(chain))
-            per_sm, regs = chain.fill_gpu(args.per_sm)
-            ours = _time_graph(chain.launch)
-            print(f"{name} ring {ring} BN {args.bn} poll {args.poll} sem {args.sem} KS {args.ks}: {len(chain.shapes)} GEMVs, weights / copy bw {ideal:.1f} us; skinny chain "
-                  f"{skinny:.1f} us ({ideal / skinny:.1%}); ring {ours:.1f} us ({ideal / ours:.1%}), {chain.G} programs "
-                  f"({per_sm} fit an SM, {regs} registers), timed-out waits {chain.timed_out_waits()}")
-
+            skinny = compare(chain, name, f"ring {ring} BN {args.bn} poll {args.poll} sem {args.sem} KS {args.ks}", bw,
+                             skinny, args.per_sm)
 
 if __name__ == "__main__":
     main()
