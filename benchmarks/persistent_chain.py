@@ -266,5 +266,6 @@ def main() -> None:
     for name in CHAINS:
         compare(Chain(layer_chain(name), "cuda", wait=not args.no_wait), name, "persistent", bw)
 
+
 if __name__ == "__main__":
     main()
