@@ -188,7 +188,7 @@ class RingChain(Chain):
         self.ring, self.poll, self.sem = ring, poll, sem
         self.ks_max = max(ks for _, _, ks in shapes)
         self.rec = self.records().to(device)
-        self.trace = self.rec  # any pointer: see trace_on
+        self.trace = self.rec  # no trace: any pointer will do (TRACE is off while trace is rec; trace_report sets its own)
 
     def records(self) -> torch.Tensor:
         """One int64 row per item, everything it needs in independent loads: weight offset of its
