@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 
 from mii.model.calibrate import CALIB_TEXT, CALIB_TOKENS
-from mii.model.quant import DEFAULT_GROUP_SIZE, MODES, QUANT_CONFIG_KEY, QuantLinear, check_quant_args
+from mii.model.quant import DEFAULT_GROUP_SIZE, MODES, check_quant_args
+from mii.model.quant_linear import QuantLinear
+from mii.model.quant_swap import QUANT_CONFIG_KEY
 from mii.model.smooth import DEFAULT_ALPHA
 
 EVAL_TEXT = "eval_text.txt"
@@ -67,7 +69,7 @@ def quantize_checkpoint(model: str | Path | None, out_dir: str | Path, mode: str
     from transformers import AutoConfig, AutoTokenizer
 
     from mii.model.loader import WeightRouter, checkpoint_files, iter_tensors, load_model
-    from mii.model.quant import saved_quantization
+    from mii.model.quant_swap import saved_quantization
     from mii.model.source import resolve_model_path
     from mii.policies import policy_for
     from mii.policies.base import resolve
@@ -131,7 +133,7 @@ def _quantize(model, tokenizer, mode: str, group_size: int, quantizable: tuple[s
     """(quantized model, how: its config.json entries, names of the fp modules calibration changed)."""
     from mii.model.calibrate import Calibrator, calibration_ids
     from mii.model.gptq import gptq_model
-    from mii.model.quant import quantize_model
+    from mii.model.quant_swap import quantize_model
     from mii.model.smooth import activation_max, smooth_model
 
     if not calibrate:

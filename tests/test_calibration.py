@@ -14,10 +14,11 @@ from mii.model.calibrate import Calibrator, calibration_ids
 from mii.model.gptq import gptq_quantize
 from mii.model.loader import load_model
 from mii.model.parallel import set_tensor_parallel
-from mii.model.quant import DEFAULT_QUANTIZABLE, QuantLinear, dequantize_weight, quantize_weight
+from mii.model.quant import dequantize_weight, quantize_weight
+from mii.model.quant_linear import QuantLinear
 from mii.model.smooth import activation_max, smooth_model
 from mii.policies import policy_for
-from mii.policies.base import resolve
+from mii.policies.base import DEFAULT_QUANTIZABLE, resolve
 from mii.quantize import _quantize, quantize_checkpoint
 from tests.tiny_models import ARCHITECTURES
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 from kernels.norm import add_norm_ref  # noqa: E402
 from kernels.quant_gemm import dequantize_ref, wxa16_gemm, wxa16_gemm_ref  # noqa: E402
 from kernels.skinny_gemm import RowNorm, skinny_config, skinny_linear  # noqa: E402
-from tests.test_quant_kernels import DEV, DTYPES, random_qweight, rel  # noqa: E402
+from tests.quant_helpers import DEV, DTYPES, random_qweight, rel  # noqa: E402
 
 EPS = 1e-5
 

@@ -10,7 +10,9 @@ import mii
 from mii.config import EngineConfig, SamplingParams
 from mii.engine.engine import LLMEngine
 from mii.model.layers import Linear
-from mii.model.quant import QuantLinear, group_size_for, quantize_model
+from mii.model.quant import group_size_for
+from mii.model.quant_linear import QuantLinear
+from mii.model.quant_swap import quantize_model
 from mii.quantize import cli_main, evaluate_perplexity, quantize_checkpoint
 from tests.tiny_models import ARCHITECTURES
 

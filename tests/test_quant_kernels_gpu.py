@@ -12,7 +12,8 @@ from kernels.quant_gemm import wxa16_gemm, wxa16_gemm_ref
 from kernels.skinny_gemm import skinny_linear
 from kernels.w8a8_gemm import w8a8_gemm, w8a8_gemm_ref
 from mii.model.layers import Linear
-from mii.model.quant import QuantLinear, quantize_weight
+from mii.model.quant import quantize_weight
+from mii.model.quant_linear import QuantLinear
 
 pytestmark = pytest.mark.gpu
 

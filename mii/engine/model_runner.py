@@ -11,7 +11,8 @@ from mii.model.decoder import DecoderModel
 from mii.model.fold import fold_norm_weights
 from mii.model.loader import load_model
 from mii.model.ops import ops_for
-from mii.model.quant import check_quant_args, quantize_model, saved_quantization
+from mii.model.quant import check_quant_args
+from mii.model.quant_swap import quantize_model, saved_quantization
 from mii.policies.base import ModelSpec
 from .cuda_graph import StepGraphs
 from .inputs import StepInputs

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .decoder import BatchContext, DecoderModel
 from .ops import ops_for
-from .quant import Int8Act
+from .quant_linear import Int8Act
 
 CALIB_TEXT = "calib_text.txt"
 CALIB_TOKENS = 2048  # enough for stable statistics of a 135M model; about 10 s of CPU per pass

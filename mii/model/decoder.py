@@ -16,7 +16,7 @@ from .fold import Folded, Normed, step_folds
 from .layers import GatedUpLinear, Linear, Norm, PositionEmbedding, QKVLinear, VocabEmbedding
 from .ops import Ops
 from .parallel import TP, Partial
-from .quant import norm_quant
+from .quant_linear import norm_quant
 
 
 @dataclass(slots=True)

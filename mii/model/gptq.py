@@ -24,8 +24,8 @@ from mii.policies.base import DEFAULT_QUANTIZABLE
 from .calibrate import Calibrator, observe_inputs
 from .decoder import DecoderModel
 from .layers import Linear
-from .quant import (_QMAX, _matches, check_quant_args, dequantize_weight, group_size_for, quantize_model,
-                    quantize_weight)
+from .quant import _QMAX, check_quant_args, dequantize_weight, group_size_for, quantize_weight
+from .quant_swap import _matches, quantize_model
 
 DAMP = 0.01  # of the mean diagonal, added to H's diagonal: keeps the inverse stable
 _W8A8_BLOCK = 128  # columns per lazy update when one scale covers the whole row (w8a8)

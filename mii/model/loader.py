@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from mii.policies.base import ModelSpec, Policy, W
 from .decoder import DecoderModel
-from .quant import quantized_skeleton, saved_quantization
+from .quant_swap import quantized_skeleton, saved_quantization
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from mii.policies.base import DEFAULT_QUANTIZABLE
 from .calibrate import Calibrator, observe_inputs
 from .decoder import DecoderModel
 from .layers import Linear, Norm
-from .quant import _matches
+from .quant_swap import _matches
 
 # Picked by measurement: SmolLM2-135M at W8A8, calibrated on 2048 tokens of calib_text.txt,
 # perplexity increase over fp32 on eval_text.txt's first 512 tokens (round-to-nearest: +5.2%):
