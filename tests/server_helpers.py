@@ -1,4 +1,5 @@
-"""Helpers for the server tests: process inspection through /proc, SSE parsing, gRPC stubs."""
+"""Helpers for the server tests: the shared deployment's name and prompts, process inspection
+through /proc, SSE parsing, gRPC stubs."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,10 @@ import grpc
 
 from protos import mii_pb2 as pb
 from protos import mii_pb2_grpc as pb_grpc
+
+# The deployment that the test_server_api_* modules share (the session fixture `dep` in conftest.py)
+NAME = "tiny-api"
+PROMPTS = ["DeepSpeed is", "Seattle is"]
 
 
 def children_of(pid: int | None = None) -> set[int]:
