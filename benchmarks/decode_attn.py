@@ -20,7 +20,7 @@ import triton
 
 from kernels import decode_attention as dec
 
-from .gemv import copies_for, copy_bandwidth, time_calls
+from .timing import copies_for, copy_bandwidth, time_calls
 
 SHAPES = {"llama-7b": (32, 32, 128), "llama-1b": (32, 8, 64)}  # query heads, KV heads, head dim
 BLOCK, WIDTH = 16, 4096  # cache block size and block-table width in tokens
@@ -69,7 +69,7 @@ def main() -> None:
                 for block_n in (32, 64):
                     def call(q, kc, vc, tables, ctx_lens, o, new_kv, block_n=block_n):
                         dec._decode(q, kc, vc, tables, None, ctx_lens, D ** -0.5, None, None, o,
-                                    block_n=block_n, new_kv=new_kv)
+                                    block_n=block_n, num_warps=4, new_kv=new_kv)
                     t = time_calls(call, sets, min_calls=64, replays=10)
                     rows.append({"shape": name, "batch": batch, "ctx": ctx, "block_n": block_n, "us": t * 1e6,
                                  "pct_copy_bw": 100 * kv_bytes / t / bw})

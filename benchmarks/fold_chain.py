@@ -15,7 +15,7 @@ import torch
 from kernels.norm import add_norm
 from kernels.skinny_gemm import RowNorm, skinny_linear
 
-from .gemv import time_calls
+from .timing import time_calls
 
 
 def main() -> None:

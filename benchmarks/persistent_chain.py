@@ -213,8 +213,8 @@ CHAINS = ("llama-1b", "opt-1.3b", "llama-1b:mlp")  # a model's layers, or only i
 
 
 def layer_chain(name: str, ks: int = 2048) -> list[tuple[int, int, int]]:
-    """(N, K, KS) of every decode linear of the model's layers (benchmarks.gemv.linear_shapes), in order."""
-    from .gemv import linear_shapes
+    """(N, K, KS) of every decode linear of the model's layers (benchmarks.linears.linear_shapes), in order."""
+    from .linears import linear_shapes
     from .models import SHAPES
     model, _, part = name.partition(":")
     shapes = list(linear_shapes(model).values())
@@ -225,7 +225,7 @@ def layer_chain(name: str, ks: int = 2048) -> list[tuple[int, int, int]]:
 
 def _time_graph(fn) -> float:
     """Median us of a CUDA graph that calls fn once."""
-    from .gemv import time_calls
+    from .timing import time_calls
     return time_calls(fn, [()], min_calls=1, replays=20) * 1e6
 
 
@@ -260,7 +260,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--no-wait", action="store_true", help="drop the waits: the streaming bound (wrong outputs)")
     args = ap.parse_args()
-    from .gemv import copy_bandwidth
+    from .timing import copy_bandwidth
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s")
     for name in CHAINS:

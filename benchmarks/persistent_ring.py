@@ -257,7 +257,7 @@ def main() -> None:
     ap.add_argument("--ks", type=int, default=2048, help="K-slice of an item")
     ap.add_argument("--trace", action="store_true", help="time stamps per item (llama-1b): where each boundary goes")
     args = ap.parse_args()
-    from .gemv import copy_bandwidth
+    from .timing import copy_bandwidth
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s")
     if args.trace:

@@ -20,7 +20,7 @@ import triton.testing
 
 from kernels.w8a8_gemm import default_config, w8a8_gemm
 
-from .gemv import linear_shapes
+from .linears import linear_shapes
 
 MS = (2048, 4096)
 

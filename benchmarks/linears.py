@@ -1,0 +1,43 @@
+"""The decoder linears the GEMV benchmarks time: their (N, K) shapes, random weights in our
+quantized storage format, and the bytes a call reads."""
+from __future__ import annotations
+
+import torch
+
+from .models import SHAPES
+
+
+def linear_shapes(model: str = "llama-7b", lm_head: bool = False) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of the decoder's linears (q/k/v and gate/up fused, as we run them), and
+    with ``lm_head`` the LM head's."""
+    arch, kw = SHAPES[model]
+    if arch.startswith("OPT"):
+        h, inter = kw["hidden_size"], kw["ffn_dim"]
+        shapes = {"qkv": (3 * h, h), "o": (h, h), "fc1": (inter, h), "fc2": (h, inter)}
+    else:
+        h, inter = kw["hidden_size"], kw["intermediate_size"]
+        head = h // kw["num_attention_heads"]
+        shapes = {"qkv": (h + 2 * kw["num_key_value_heads"] * head, h), "o": (h, h),
+                  "gate_up": (2 * inter, h), "down": (h, inter)}
+    if lm_head:
+        shapes["lm_head"] = (kw["vocab_size"], h)
+    return shapes
+
+
+SCALES_T = False  # --scales-t: scales laid out group-major ([K/group, N] in memory)
+
+
+def quantized(N: int, K: int, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (qweight, scales) in our storage format (the kernels' speed does not depend on values)."""
+    if bits == 8:
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+    else:
+        q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device="cuda")
+    s = torch.rand(N, K // group, device="cuda") * 0.01 + 1e-3
+    return q, (s.t().contiguous().t() if SCALES_T else s)
+
+
+def weight_bytes(N: int, K: int, bits: int, group: int) -> int:
+    if bits == 16:
+        return 2 * N * K
+    return N * K * bits // 8 + 4 * N * (K // group)
