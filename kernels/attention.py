@@ -1,7 +1,7 @@
 """Attention over the paged KV cache, for a packed batch of prefill chunks and decodes.
 
-Two Triton kernels share one inner step (`_attend_tile`), both reading K/V straight from
-the paged cache through the block table:
+Two Triton kernels share one inner step (`_attend_tile`, in online_softmax.py), both reading
+K/V straight from the paged cache through the block table:
 - the split-K ("flash-decoding") kernel of decode_attention.py for the sequences that
   bring one query; it merges its context slices itself;
 - a flash-attention kernel for packed prefill chunks, mixed with decodes or not.
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .decode_attention import LOG2E, _attend_tile, _decode, check_attention_args
+from .online_softmax import LOG2E, _attend_tile
+from .decode_attention import _decode, check_attention_args
 from .rotary import rotary_cache_ref
 
 @triton.jit

@@ -10,7 +10,7 @@ slice holds the newest key rotates that key, writes it and its value to the cach
 attends to them from registers. No program reads a cache slot that another program of
 the launch writes, so there is no ordering to get wrong.
 
-``_attend_tile``, the online-softmax step, is shared with the prefill kernel in
+The online-softmax steps (online_softmax.py) are shared with the prefill kernel in
 attention.py, which also holds this file's reference (:func:`decode_attention_ref`).
 """
 from __future__ import annotations
@@ -23,87 +23,9 @@ from . import pdl
 from .counters import zeroed
 from .pdl import enter, gdc_launch_dependents, gdc_wait
 
+from .online_softmax import LOG2E, _attend_kv, _attend_tile, _kv_tile, _merge_splits
 from .rotary import _rotary_lanes, _rotate_tile
 from .skinny_gemm import _num_sms  # 4 in the interpreter: a few programs, still several slices per sequence
-
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _kv_tile(k_base, v_base, bt_row, start, lo, hi, block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
-             MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """K and V of keys [start, start + BLOCK_N), zeros outside [lo, hi), through the block table."""
-    kpos = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        kmask = (kpos >= lo) & (kpos < hi)
-        blk = tl.load(bt_row + kpos // block_size, mask=kmask, other=0).to(tl.int64)
-        kv_mask = kmask[:, None] & dmask[None, :]
-    else:
-        blk = tl.load(bt_row + kpos // block_size).to(tl.int64)
-        kv_mask = dmask[None, :]
-    slot = kpos % block_size
-    k = tl.load(k_base + (blk * skc_b + slot * skc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + (blk * svc_b + slot * svc_s)[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    return k, v
-
-
-@triton.jit
-def _attend_kv(acc, m_i, l_i, q, k, v, start, qpos, lo, hi, slopes, qk_scale, window,
-               HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One online-softmax step over the tile of keys [start, start + BLOCK_N) within [lo, hi).
-
-    Scores are kept in log2 units (qk_scale and slopes carry the log2(e) factor). With
-    MASKED False the caller vouches that every query row may see every key of the tile.
-    A tile with no key in [lo, hi) leaves (acc, m_i, l_i) as they were.
-    """
-    kpos = start + tl.arange(0, BLOCK_N)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    if HAS_ALIBI:  # BLOOM: slope * key position
-        s += slopes[:, None] * kpos[None, :].to(tl.float32)
-    if MASKED:
-        allowed = ((kpos >= lo) & (kpos < hi))[None, :] & (kpos[None, :] <= qpos[:, None])
-        if HAS_WINDOW:
-            allowed &= kpos[None, :] > qpos[:, None] - window
-        s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, start, qpos, lo, hi, slopes, qk_scale, window,
-                 block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
-                 HAS_ALIBI: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Load a tile of keys and take its online-softmax step (:func:`_kv_tile`, :func:`_attend_kv`)."""
-    k, v = _kv_tile(k_base, v_base, bt_row, start, lo, hi, block_size, skc_b, skc_s, svc_b, svc_s, d, dmask,
-                    MASKED, BLOCK_N)
-    return _attend_kv(acc, m_i, l_i, q, k, v, start, qpos, lo, hi, slopes, qk_scale, window,
-                      HAS_ALIBI, HAS_WINDOW, MASKED, BLOCK_N)
-
-
-@triton.jit
-def _merge_splits(po_ptr, plse_ptr, base, G, g, d, mask, live, last,
-                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Weight each slice's output by its share of the softmax mass. The partials were
-    written by other programs, maybe on other SMs: .cg reads them from L2, past L1."""
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_G], tl.float32)
-    for s in range(0, last + 1):  # the slices that had keys to attend
-        part = base + s * G + g
-        lse = tl.load(plse_ptr + part, mask=live, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(po_ptr + part[:, None] * BLOCK_D + d[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe)
-        acc = acc * alpha[:, None] + w[:, None] * o
-        total = total * alpha + w
-        m = m_new
-    return acc / tl.where(total == 0.0, 1.0, total)[:, None]
 
 
 @triton.jit
@@ -261,19 +183,41 @@ def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             raise ValueError(f"{name} needs a contiguous last dim, got strides {t.stride()}")
 
 
+def decode_tile(num_splits: int, head_dim: int, fused: bool) -> tuple[int, int]:
+    """(keys per tile, warps) for a decode launch of ``num_splits`` context slices per
+    (sequence, KV head), heads of ``head_dim``; ``fused``: a pure decode step (new_kv, not mixed).
+
+    A fused launch loads its slice's first tile before the PDL wait (EARLY in the kernel).
+    When few (sequence, KV head) pairs share the grid, as at bs=1 on a model with few KV
+    heads, each gets 32 or more slices, and 256-key tiles make every slice one tile at
+    contexts up to 8k, so all of the step's K/V loads go before the wait. Llama-1B's bs=1 step
+    (8 KV heads of 64, 33 slices; H100, 2026-11-24): 1.253 -> 1.162 ms at a 4,000-token
+    context, 1.147 -> 1.130 at 1,024, level at 192. With more pairs (Llama-1B bs=8, 5 slices)
+    the large tile lost up to 8%, and so did 128- and 256-key tiles on the MHA shapes (the
+    7B's heads of 128 and OPT-1.3B's of 64, 9 slices at bs=1), so those keep 64 keys on 4 warps.
+    """
+    if fused and num_splits >= 32 and head_dim <= 64:
+        return 256, 8
+    return 64, 4
+
+
 def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, alibi_slopes,
-            sliding_window, out, num_splits: int | None = None, block_n: int = 64,
-            num_warps: int = 4, num_stages: int = 2, mixed: bool = False, new_kv: tuple | None = None) -> None:
+            sliding_window, out, num_splits: int | None = None, block_n: int | None = None,
+            num_warps: int | None = None, num_stages: int = 2, mixed: bool = False,
+            new_kv: tuple | None = None) -> None:
     """The sequences with q_len 1 (all of them unless `mixed`, which needs cu_seqlens_q). The
     context is sliced by the block table's width, an upper bound known without a sync; slices
     past a sequence's end only count themselves in. `new_kv`: (k, v, positions, cos_sin,
-    rotary_dim, interleaved, slot_mapping) as for rotary_cache, q not yet rotated."""
+    rotary_dim, interleaved, slot_mapping) as for rotary_cache, q not yet rotated. The key
+    tile and warps default to :func:`decode_tile`'s."""
     B, H, D = block_tables.shape[0], q.shape[1], q.shape[2]
     Hkv, block_size = k_cache.shape[2], k_cache.shape[1]
     G = H // Hkv
-    tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)  # at most this many slices hold keys
     if num_splits is None:  # enough programs to fill the GPU twice over
         num_splits = triton.cdiv(2 * _num_sms(q.device), B * Hkv)
+    tile_n, tile_warps = decode_tile(num_splits, D, fused=new_kv is not None and not mixed)
+    block_n, num_warps = block_n or tile_n, num_warps or tile_warps
+    tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)  # at most this many slices hold keys
     num_splits = max(1, min(num_splits, tiles))
     BLOCK_D = triton.next_power_of_2(D)
     po = plse = cnt = out  # unused with one split
