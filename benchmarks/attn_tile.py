@@ -8,7 +8,9 @@ with that tile forced (``default``: decode_tile's choice), and timed by a bare r
 (``ours.replay_ms``) at several contexts; the variants alternate over two rounds, so a
 drift of the machine shows as a difference between rounds. Each row also gives the largest
 difference of its bs=1 logits from the default's at the same context (tiles change the
-order of the softmax sums, so rounding-level differences are expected). Writes
+order of the softmax sums, so rounding-level differences are expected). At long contexts the
+bs=8 replays write K/V into blocks the bs=1 sequence reads, so that column drifts between
+rounds too: the default's own second-round value is the noise floor. Writes
 ``attn-tile-MODEL.json`` under --out.
 """
 from __future__ import annotations

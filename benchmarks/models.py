@@ -18,6 +18,9 @@ SHAPES: dict[str, tuple[str, dict]] = {
     "llama-7b": ("LlamaForCausalLM", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                           num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                                           max_position_embeddings=8192)),  # room for a 4,096-token prefill
+    "llama-8b": ("LlamaForCausalLM", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                          max_position_embeddings=8192, rope_theta=500000.0)),  # Llama 3 8B: GQA, heads of 128
 }
 
 
