@@ -194,7 +194,8 @@ def decode_tile(num_splits: int, head_dim: int, fused: bool) -> tuple[int, int]:
     (8 KV heads of 64, 33 slices; H100, 2026-11-24): 1.253 -> 1.162 ms at a 4,000-token
     context, 1.147 -> 1.130 at 1,024, level at 192. With more pairs (Llama-1B bs=8, 5 slices)
     the large tile lost up to 8%, and so did 128- and 256-key tiles on the MHA shapes (the
-    7B's heads of 128 and OPT-1.3B's of 64, 9 slices at bs=1), so those keep 64 keys on 4 warps.
+    7B's heads of 128 and OPT-1.3B's of 64, 9 slices at bs=1), and on Llama-3-8B's 8 KV heads
+    of 128 even at 33 slices (the tile holds twice the bytes), so those keep 64 keys on 4 warps.
     """
     if fused and num_splits >= 32 and head_dim <= 64:
         return 256, 8
