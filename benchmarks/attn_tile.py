@@ -3,14 +3,14 @@
 
     python -m benchmarks.attn_tile --model llama-1b --tiles 64:4 256:8 --out DIR
 
-One engine per model. For each variant the bs=1 and bs=8 decode graphs are captured again
-with that tile forced (``default``: decode_tile's choice), and timed by a bare replay
-(``ours.replay_ms``) at several contexts; the variants alternate over two rounds, so a
-drift of the machine shows as a difference between rounds. Each row also gives the largest
-difference of its bs=1 logits from the default's at the same context (tiles change the
-order of the softmax sums, so rounding-level differences are expected). At long contexts the
-bs=8 replays write K/V into blocks the bs=1 sequence reads, so that column drifts between
-rounds too: the default's own second-round value is the noise floor. Writes
+One engine per model. For each variant the decode graphs of ``--batch`` (default bs=1 and 8)
+are captured again with that tile forced (``default``: decode_tile's choice), and timed by a
+bare replay (``ours.replay_ms``) at several contexts; the variants alternate over two rounds,
+so a drift of the machine shows as a difference between rounds. Each row also gives the
+largest difference of the first batch size's logits from the default's at the same context
+(tiles change the order of the softmax sums, so rounding-level differences are expected). At
+long contexts the other batches' replays write K/V into blocks that batch reads, so that
+column drifts between rounds too: the default's own second-round value is the noise floor. Writes
 ``attn-tile-MODEL.json`` under --out.
 """
 from __future__ import annotations
@@ -73,9 +73,9 @@ def run(name: str, root: Path, tiles: list[tuple[int, int]], ctxs: list[int], si
                 for ctx in ctxs:
                     for b in sizes:
                         row[f"bs{b}_ctx{ctx}_ms"] = ours.replay_ms(eng, b, ctx)
-                    logits = eng.runner.graphs.outputs["decode", 1][0].float()
+                    logits = eng.runner.graphs.outputs["decode", sizes[0]][0].float()
                     ref.setdefault(ctx, logits.clone())
-                    row[f"bs1_ctx{ctx}_max_dlogit"] = (logits - ref[ctx]).abs().max().item()
+                    row[f"bs{sizes[0]}_ctx{ctx}_max_dlogit"] = (logits - ref[ctx]).abs().max().item()
                 print(json.dumps(row), flush=True)
                 out["rows"].append(row)
     finally:
@@ -90,11 +90,12 @@ def main() -> None:
     ap.add_argument("--tiles", nargs="+", default=["64:4", "256:8"], help="keys:warps, each against the default")
     ap.add_argument("--ctx", type=int, nargs="+", default=[192, 1024, 4000],
                     help="contexts (within the model's positions: OPT's end at 2,048)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="decode graphs to time (the first is checked)")
     ap.add_argument("--out", type=Path, default=Path("out"))
     a = ap.parse_args()
     tiles = [tuple(int(x) for x in t.split(":")) for t in a.tiles]
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(a.model, Path(tmp), tiles, a.ctx)
+        res = run(a.model, Path(tmp), tiles, a.ctx, tuple(a.batch))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"attn-tile-{a.model}.json").write_text(json.dumps(res, indent=1))
 
