@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from .models import SHAPES
+from .models import hf_config
 
 
 def linear_shapes(model: str = "llama-7b", lm_head: bool = False) -> dict[str, tuple[int, int]]:
     """name -> (N, K) of the decoder's linears (q/k/v and gate/up fused, as we run them), and
-    with ``lm_head`` the LM head's."""
-    arch, kw = SHAPES[model]
-    if arch.startswith("OPT"):
-        h, inter = kw["hidden_size"], kw["ffn_dim"]
-        shapes = {"qkv": (3 * h, h), "o": (h, h), "fc1": (inter, h), "fc2": (h, inter)}
-    else:
-        h, inter = kw["hidden_size"], kw["intermediate_size"]
-        head = h // kw["num_attention_heads"]
-        shapes = {"qkv": (h + 2 * kw["num_key_value_heads"] * head, h), "o": (h, h),
-                  "gate_up": (2 * inter, h), "down": (h, inter)}
+    with ``lm_head`` the LM head's. Read from the transformers config, whose attribute map
+    gives every architecture the same names (GPT-2's n_embd is its hidden_size)."""
+    c = hf_config(model)
+    h, heads = c.hidden_size, c.num_attention_heads
+    head = getattr(c, "head_dim", None) or h // heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    shapes = {"qkv": ((heads + 2 * kv) * head, h), "o": (h, heads * head)}
+    if hasattr(c, "intermediate_size"):  # gated MLP (Llama): gate and up fused
+        shapes |= {"gate_up": (2 * c.intermediate_size, h), "down": (h, c.intermediate_size)}
+    else:  # OPT's ffn_dim, GPT-2's n_inner (None: 4 h)
+        inter = getattr(c, "ffn_dim", None) or getattr(c, "n_inner", None) or 4 * h
+        shapes |= {"fc1": (inter, h), "fc2": (h, inter)}
     if lm_head:
-        shapes["lm_head"] = (kw["vocab_size"], h)
+        shapes["lm_head"] = (c.vocab_size, h)
     return shapes
 
 

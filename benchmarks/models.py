@@ -42,18 +42,26 @@ def rank_shape(name: str, tp: int) -> str:
     return rank
 
 
+def hf_config(name: str):
+    """The transformers config of shape ``name``, its ``architectures`` set."""
+    import transformers
+
+    arch, kw = SHAPES[name]
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config").replace("LMHeadModel", "Config"))(**kw)
+    config.architectures = [arch]
+    return config
+
+
 def build(name: str, root: Path, dtype: torch.dtype = torch.float16):
     """Random-init HF model on the GPU, saved (once) as a checkpoint our engine loads.
     Returns (checkpoint dir, the HF model on the GPU)."""
     import transformers
     from tests.tiny_models import make_tokenizer
 
-    arch, kw = SHAPES[name]
-    config = getattr(transformers, arch.replace("ForCausalLM", "Config").replace("LMHeadModel", "Config"))(**kw)
-    config.architectures = [arch]
+    config = hf_config(name)
     with torch.device("cuda"):
         torch.manual_seed(0)
-        model = getattr(transformers, arch)(config).to(dtype).eval()
+        model = getattr(transformers, config.architectures[0])(config).to(dtype).eval()
     out = root / name
     if not (out / "config.json").is_file():
         model.save_pretrained(out, safe_serialization=True)
