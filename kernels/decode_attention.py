@@ -222,7 +222,7 @@ def decode_tile(num_splits: int, head_dim: int, fused: bool) -> tuple[int, int]:
 
 def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, alibi_slopes,
             sliding_window, out, num_splits: int | None = None, block_n: int | None = None,
-            num_warps: int | None = None, num_stages: int = 2, mixed: bool = False,
+            num_warps: int | None = None, num_stages: int | None = None, mixed: bool = False,
             new_kv: tuple | None = None) -> None:
     """The sequences with q_len 1 (all of them unless `mixed`, which needs cu_seqlens_q). The
     context is sliced by the block table's width, an upper bound known without a sync; slices
@@ -244,6 +244,11 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         num_splits = triton.cdiv(2 * _num_sms(q.device), B * Hkv)
     tile_n, tile_warps = decode_tile(num_splits, D, fused=new_kv is not None and not mixed)
     block_n, num_warps = block_n or tile_n, num_warps or tile_warps
+    # 256-key tiles come with slices of one tile up to 8k tokens: the loop rarely runs, and a
+    # pipelined loop's prologue loads would follow q's on the critical path. Unpipelined, bare
+    # replay (H100, 2026-11-24): Llama-1B bs=1 1.067/1.103/1.136 -> 1.052/1.086/1.124 ms at
+    # 192/1k/4k tokens. Slices of many 64-key tiles (bs=8, the 7B at 4k) lost up to 14%.
+    num_stages = num_stages or (1 if block_n >= 256 else 2)
     tiles = triton.cdiv(block_tables.shape[1] * block_size, block_n)  # at most this many slices hold keys
     num_splits = max(1, min(num_splits, tiles))
     BLOCK_D = triton.next_power_of_2(D)
