@@ -225,18 +225,15 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
             num_warps: int | None = None, num_stages: int | None = None, mixed: bool = False,
             new_kv: tuple | None = None) -> None:
     """The sequences with q_len 1 (all of them unless `mixed`, which needs cu_seqlens_q). The
-    context is sliced by the block table's width, an upper bound known without a sync; slices
-    past a sequence's end only count themselves in. `new_kv`: (k, v, positions, cos_sin,
+    kernel slices each sequence's own context; the grid's slice count is capped by the block
+    table's width, known without a sync, and slices past a sequence's end leave at once. `new_kv`: (k, v, positions, cos_sin,
     rotary_dim, interleaved, slot_mapping) as for rotary_cache, q not yet rotated. The key
     tile and warps default to :func:`decode_tile`'s.
 
     Heads of 64 or less load the new k, v together with q (HOIST), which takes one round trip
-    off the owner's critical path. Bare replay of the decode graphs, hoisted against not, two
-    rounds (H100, 2026-11-24, ms at 192 / 1,024 tokens): Llama-1B bs=1 1.065 / 1.101 against
-    1.071 / 1.103-1.107, bs=8 1.095 / 1.219 against 1.102 / 1.229; OPT-1.3B bs=1 1.266-1.268 /
-    1.373 against 1.270-1.273 / 1.383, bs=8 1.401 / 1.905 against 1.412 / 1.926. The 7B's heads
-    of 128 lost at 1,024 tokens (fp16 bs=8 6.74 against 6.66, W8A16 5.37 against 5.26) and
-    gained 0.6% at most at 192, so they load k, v after the tiles, as before."""
+    off the owner's critical path: 0.3-1.1% on Llama-1B and OPT-1.3B at bs 1 and 8; the 7B's
+    heads of 128 lost up to 2% at 1,024 tokens and keep the old order (H100, 2026-11-24;
+    figures in benchmarks/results/notes.md, thirtieth session)."""
     B, H, D = block_tables.shape[0], q.shape[1], q.shape[2]
     Hkv, block_size = k_cache.shape[2], k_cache.shape[1]
     G = H // Hkv
