@@ -226,9 +226,9 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
             new_kv: tuple | None = None) -> None:
     """The sequences with q_len 1 (all of them unless `mixed`, which needs cu_seqlens_q). The
     kernel slices each sequence's own context; the grid's slice count is capped by the block
-    table's width, known without a sync, and slices past a sequence's end leave at once. `new_kv`: (k, v, positions, cos_sin,
-    rotary_dim, interleaved, slot_mapping) as for rotary_cache, q not yet rotated. The key
-    tile and warps default to :func:`decode_tile`'s.
+    table's width, known without a sync, and slices past a sequence's end leave at once.
+    `new_kv`: (k, v, positions, cos_sin, rotary_dim, interleaved, slot_mapping) as for
+    rotary_cache, q not yet rotated. The key tile and warps default to :func:`decode_tile`'s.
 
     Heads of 64 or less load the new k, v together with q (HOIST), which takes one round trip
     off the owner's critical path: 0.3-1.1% on Llama-1B and OPT-1.3B at bs 1 and 8; the 7B's
