@@ -128,17 +128,14 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
     if NEW_KV:
         if owner:
             if HOIST:
-                k, v = k_new, v_new
+                k, v, slot = k_new, v_new, slot_new
             else:
                 k_row = k_ptr + row * sk_t + kvh * sk_h
                 k = _rotate_tile(k_row + d, k_row + pair, dmask, cos, sin, first, in_rot, ROTATE)
                 v = tl.load(v_ptr + row * sv_t + kvh * sv_h + d, mask=dmask, other=0.0)
+                slot = tl.load(slot_ptr + row)
             k = k.to(kc_ptr.dtype.element_ty)  # what a read back from the cache would give
             v = v.to(vc_ptr.dtype.element_ty)
-            if HOIST:
-                slot = slot_new
-            else:
-                slot = tl.load(slot_ptr + row)
             if slot >= 0:  # -1: a padding token, nothing to cache
                 blk, off = slot // block_size, slot % block_size
                 tl.store(kc_ptr + blk * skc_b + off * skc_s + kvh * skc_h + d, k, mask=dmask)
