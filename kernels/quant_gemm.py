@@ -133,13 +133,15 @@ def default_config(M: int, N: int, K: int, group: int, bits: int, device: torch.
 
 def wxa16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                bits: int, config: dict | None = None, act: str | None = None,
-               residual: torch.Tensor | None = None, rms: bool = True, norm: RowNorm | None = None):
+               residual: torch.Tensor | None = None, rms: bool = True, norm: RowNorm | None = None,
+               release_first: bool = False):
     """Triton y = x @ dequant(W)^T + bias for x [..., K] in fp16/bf16 (fp32 works, as tf32 on GPU).
 
     ``bits`` is 8 or 4; ``config`` overrides :func:`default_config` (benchmarks sweep it).
     ``act``: y = bias_act(x @ dequant(W)^T, bias, act), in the decode kernel's epilogue where
     it runs (N / 2 columns for a gated kind). ``residual``, ``rms`` and ``norm``: a norm folded
     into the decode kernel, as ``kernels.skinny_gemm.skinny_linear`` takes them (decode only).
+    ``release_first``: see ``kernels.skinny_gemm.skinny_gemm`` (decode only).
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -175,7 +177,7 @@ def wxa16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bia
         pass
     elif kind == "skinny":
         skinny_gemm(x2, qweight, scales, bias, y, bits, group, cfg, act, residual=_rows2(residual, N), stats=stats,
-                    rms=rms, norm=norm)
+                    rms=rms, norm=norm, release_first=release_first)
     else:
         grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
         _gemm_kernel[grid](x2, qweight, scales, bias if bias is not None else scales, y, M, N, K, x2.stride(0),

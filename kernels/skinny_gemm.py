@@ -44,6 +44,8 @@ SKINNY_PREFETCH = 1  # tiles per program pulled into L2 before waiting on the ke
 # for ``benchmarks.pdl_ab --prefetch-whole-mb``.
 SKINNY_PREFETCH_WHOLE_BYTES = 0
 SKINNY_RELEASE: int | None = None  # overrides skinny_config's ``release`` (``benchmarks.pdl_ab --release``)
+# A release this many steps before the end falls on every program's first step (``release_first``).
+RELEASE_FIRST = 1 << 20
 
 
 def skinny_config(N: int, K: int, group: int, sms: int, BN: int = 64, BK: int = 128, num_warps: int = 2,
@@ -129,14 +131,24 @@ class RowNorm(NamedTuple):
 
 def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None,
                 x_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                stats: torch.Tensor | None = None, rms: bool = True, norm: RowNorm | None = None) -> None:
+                stats: torch.Tensor | None = None, rms: bool = True, norm: RowNorm | None = None,
+                release_first: bool = False) -> None:
     """Launch the kernel on 2-D x2 into y; ``bits`` 16 (float weight, ``scales`` unused), 8 or
     4; ``cfg`` from :func:`skinny_config`, minus "kind". ``act``: a ``kernels.activation``
     kind applied, with the bias, in the epilogue; y is [M, N / 2] for a gated kind, else [M, N].
     ``x_scale`` [M] fp32 (W8A8): x2 is int8, ``scales`` [N] one per weight row, bits 8.
     ``residual`` [M, N]: y = x W^T + b + residual, and ``stats`` [bands, 2, M] fp32 (bands =
     N / cfg's BN) receive its statistics for an RMS (``rms``) or layer norm. ``norm``: x2 is
-    normalized by it, its weight already in w (see :class:`RowNorm`)."""
+    normalized by it, its weight already in w (see :class:`RowNorm`).
+
+    ``release_first``: the next kernel is decode attention, which has its own loads to issue
+    before its PDL wait (context length, block table, first K/V tile: a chain of three round
+    trips). Released at each program's first step rather than ``cfg``'s few steps before the
+    end, it has the whole weight stream to issue them. Bare replay of the decode graphs at a
+    192-token context (H100, 2026-11-24, ms, bs=1 / bs=8): Llama-1B 1.054 -> 1.034 / 1.099 ->
+    1.082, OPT-1.3B 1.273 -> 1.267 / 1.402 -> 1.380, 7B fp16 4.910 -> 4.825 / 5.306 -> 5.274,
+    7B W4A16 2.534 -> 2.504 / 2.950 -> 2.911. Not for a pipelined one-row loop (``cfg``'s
+    LOOP_STAGES, the 7B W8A16 qkv at bs=1), which keeps its own: there it was 0.2% slower."""
     M, N, K = x2.shape[0], w.shape[0], x2.shape[1]
     if w.shape[1] * (2 if bits == 4 else 1) != K:
         raise ValueError(f"x has K={K} columns but the weight {tuple(w.shape)} takes "
@@ -157,6 +169,8 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
     if K % cfg["BK"]:  # the loop covers K // BK whole tiles: a ragged K would lose its tail
         raise ValueError(f"K={K} is not a multiple of the tile's BK={cfg['BK']}")
     cfg = dict(cfg)
+    if release_first and not cfg.get("LOOP_STAGES"):
+        cfg["RELEASE"] = RELEASE_FIRST
     split = cfg.pop("SPLIT_K")
     carveout = cfg.pop("CARVEOUT", None)
     n_bands = triton.cdiv(N // 2, cfg["BN"] // 2) if gated else triton.cdiv(N, cfg["BN"])
@@ -220,12 +234,13 @@ ROW_TILES = dict(BM=1, BN=64, BK=128, num_warps=8, num_stages=3, waves=4, max_ti
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: dict | None = None, act: str | None = None, residual: torch.Tensor | None = None,
-                  rms: bool = True, norm: RowNorm | None = None):
+                  rms: bool = True, norm: RowNorm | None = None, release_first: bool = False):
     """y = x W^T + b for a float weight [N, K] and x [..., K] with at most 16 rows: the same
     weight-streaming kernel as W8A16 decode, so fp16 decode GEMMs join the PDL chain.
     ``act``: y = bias_act(x W^T, b, act) in the same kernel (N / 2 columns for a gated kind).
     ``residual``: returns (y + residual, its band statistics for an RMS (``rms``) or layer
-    norm, their band width); ``norm``: x is normalized by it first (see :class:`RowNorm`)."""
+    norm, their band width); ``norm``: x is normalized by it first (see :class:`RowNorm`).
+    ``release_first``: see :func:`skinny_gemm`."""
     K, N = x.shape[-1], weight.shape[0]
     if weight.shape[1] != K or weight.dtype != x.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
@@ -242,7 +257,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     stats = None if residual is None else residual_stats(y, cfg)
     if x2.shape[0]:
         skinny_gemm(x2, weight, weight, bias, y, 16, K, cfg, act, residual=_rows2(residual, N), stats=stats,
-                    rms=rms, norm=norm)
+                    rms=rms, norm=norm, release_first=release_first)
     y = y.reshape(*x.shape[:-1], n_out)
     return y if residual is None else (y, stats, cfg["BN"])
 

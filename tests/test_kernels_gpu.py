@@ -8,10 +8,12 @@ import torch
 
 from kernels.activation import bias_act, bias_act_ref
 from kernels.attention import _prefill, decode_attention_ref, paged_attention, paged_attention_ref
+from kernels import pdl
 from kernels.decode_attention import _COUNTERS, decode_attention
 from kernels.norm import add_norm, add_norm_ref
 from kernels.rotary import rotary_cache, rotary_cache_ref
 from kernels.sampling import sample, sample_ref
+from kernels.skinny_gemm import skinny_linear
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 DTYPES = [torch.float16, torch.bfloat16]
@@ -190,6 +192,49 @@ def test_fused_decode_attention_graph():
         g.replay()
         ref = decode_attention_ref(q, k, v, positions, rope, D, False, kc_ref, vc_ref, slots, tables, ctx, 0.09)
         _check_decode_step(out, ref, kc, kc_ref, vc, vc_ref, slots, dtype)
+
+
+@pytest.mark.parametrize("B", [1, 4])  # 256-key tiles, all K/V loads before the wait; 64-key tiles
+def test_attention_released_first_in_cuda_graph(B):
+    """The qkv GEMV releases decode attention at its first step (``release_first``), so
+    attention's programs sit through the whole weight stream with their early loads issued.
+    Eight layers of qkv -> attention -> o in one graph under PDL, replayed on new inputs,
+    must give the bits of the chain run eagerly with PDL off: a read before a wait would not."""
+    if not pdl.supported(torch.device("cuda")):
+        pytest.skip("PDL needs sm90+")
+    dtype, H, Hkv, D = torch.float16, 32, 8, 64  # Llama-3.2-1B's heads
+    _, (_, _, _, positions), kc, _, slots, tables, ctx = _decode_step([192] * B, [], H, Hkv, D, dtype)
+    layers = [((torch.randn((H + 2 * Hkv) * D, H * D, device="cuda") * 0.02).to(dtype),
+               (torch.randn(H * D, H * D, device="cuda") * 0.02).to(dtype),
+               torch.randn_like(kc), torch.randn_like(kc)) for _ in range(8)]
+    rope = _rope(D)
+    x = torch.randn(B, H * D, dtype=dtype, device="cuda")
+
+    def chain():
+        h = x
+        for w_qkv, w_o, k_cache, v_cache in layers:
+            q, k, v = (t.view(B, -1, D) for t in skinny_linear(h, w_qkv, release_first=True).split(
+                [H * D, Hkv * D, Hkv * D], dim=-1))
+            o = decode_attention(q, k, v, positions, rope, D, False, k_cache, v_cache, slots, tables, ctx, D ** -0.5)
+            h = skinny_linear(o.view(B, H * D), w_o)
+        return h
+
+    chain()  # compiles, and sizes the counters outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = chain()
+    try:
+        for _ in range(3):
+            x.normal_()
+            g.replay()
+            pdl.set_enabled(False)
+            ref = chain()
+            pdl.set_enabled(True)
+            torch.cuda.synchronize()
+            assert torch.isfinite(ref).all() and torch.equal(out, ref)
+    finally:
+        pdl.set_enabled(True)
 
 
 def test_sample():

@@ -47,7 +47,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor | Normed, ctx: BatchContext, ops: Ops, cos_sin, alibi,
                 defer: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor | Partial | Folded:
         """``residual``: the o projection adds it and returns :class:`Folded` (fold.py)."""
-        qkv = self.qkv(x)  # x may be an int8 activation (W8A8), so the shape comes from qkv
+        # Decode attention comes next: the qkv GEMV releases it at once (skinny_gemm's release_first).
+        qkv = self.qkv(x, release_first=True)  # x may be an int8 activation (W8A8), so the shape comes from qkv
         T, D = qkv.shape[0], self.head_dim
         sizes = [self.heads * D, self.kv_heads * D, self.kv_heads * D]
         q, k, v = (t.view(T, -1, D) for t in qkv.split(sizes, dim=-1))

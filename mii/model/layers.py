@@ -35,10 +35,10 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           act: str | None = None) -> torch.Tensor:
-    """``act``: see :meth:`Linear.forward`; only the weight-streaming kernel takes it."""
+           act: str | None = None, release_first: bool = False) -> torch.Tensor:
+    """``act``, ``release_first``: see :meth:`Linear.forward`; only the weight-streaming kernel takes them."""
     if act is not None or _skinny(x, weight):
-        return skinny_linear(x, weight, bias, act=act)
+        return skinny_linear(x, weight, bias, act=act, release_first=release_first)
     return F.linear(x, weight, bias)
 
 
@@ -92,24 +92,28 @@ class Linear(nn.Module):
         return self.weight.dtype in (torch.float16, torch.bfloat16) and self.in_features % 16 == 0
 
     def forward(self, x: torch.Tensor | Normed, act: str | None = None, defer: bool = False,
-                residual: torch.Tensor | None = None, rms: bool = True) -> torch.Tensor | Partial | Folded:
+                residual: torch.Tensor | None = None, rms: bool = True,
+                release_first: bool = False) -> torch.Tensor | Partial | Folded:
         """``act``: a ``kernels.activation`` kind; the layer returns ``bias_act(x W^T, bias, act)``
         from its decode kernel's epilogue (when :meth:`fuses_act` says it can), so a decode
         step's MLP runs no separate activation kernel. ``defer``: a row-parallel layer under
         TP returns its :class:`Partial` output, for the norm after it to reduce. A folded norm
         (decode, one rank): x may be :class:`Normed`, and with ``residual`` the layer returns
-        :class:`Folded` statistics for an RMS (``rms``) or layer norm."""
+        :class:`Folded` statistics for an RMS (``rms``) or layer norm. ``release_first``: the
+        decode kernel lets the next one (decode attention) start at once under PDL
+        (``kernels.skinny_gemm.skinny_gemm``)."""
         if act is not None and self.kind == "row":
             raise ValueError("a row-parallel linear's outputs are partial sums: it cannot apply an activation")
         bias = self.bias if self.fuse_bias or act is not None else None
         if isinstance(x, Normed) or residual is not None:
             h, norm = (x.h, x.row_norm(self)) if isinstance(x, Normed) else (x, None)
-            out = skinny_linear(h, self.weight, bias, act=act, residual=residual, rms=rms, norm=norm)
+            out = skinny_linear(h, self.weight, bias, act=act, residual=residual, rms=rms, norm=norm,
+                                release_first=release_first)
             return Folded(*out) if residual is not None else out
         if self.kind == "row" and TP.size > 1:
             y = Partial(linear(x, self.weight), bias)
             return y if defer else y.reduced()
-        return linear(x, self.weight, bias, act)
+        return linear(x, self.weight, bias, act, release_first)
 
 
 class QKVLinear(Linear):
