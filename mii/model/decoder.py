@@ -47,7 +47,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor | Normed, ctx: BatchContext, ops: Ops, cos_sin, alibi,
                 defer: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor | Partial | Folded:
         """``residual``: the o projection adds it and returns :class:`Folded` (fold.py)."""
-        # Decode attention comes next: the qkv GEMV releases it at once (skinny_gemm's release_first).
+        # Attention comes next; in a decode step, decode attention, which has loads to issue before
+        # it waits on qkv: the qkv GEMV releases it at once (skinny_gemm's release_first).
         qkv = self.qkv(x, release_first=True)  # x may be an int8 activation (W8A8), so the shape comes from qkv
         T, D = qkv.shape[0], self.head_dim
         sizes = [self.heads * D, self.kv_heads * D, self.kv_heads * D]
