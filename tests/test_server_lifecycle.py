@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from mii import api
 from server import registry
 from server.launcher import DeploymentError, owned
-from tests.server_helpers import children_of, model_info, process_exists, sse_events
+from tests.server_helpers import children_of, process_exists, sse_events
 
 
 def _wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
@@ -27,6 +28,12 @@ def _wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
     while time.monotonic() < deadline and any(process_exists(p) for p in pids):
         time.sleep(0.05)
     return [p for p in pids if process_exists(p)]
+
+
+def _counter(scrape: str, name: str, labels: str) -> float:
+    """One Prometheus counter from a /metrics scrape (0 before it is first counted)."""
+    m = re.search(rf"^{name}{{{labels}}} (\S+)$", scrape, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def test_replica_loss_then_terminate_leaves_no_children(tiny_model_dir, tmp_path):
@@ -54,12 +61,48 @@ def test_replica_loss_then_terminate_leaves_no_children(tiny_model_dir, tmp_path
         return "error"
 
     async def load_and_kill() -> list[str]:
-        async with httpx.AsyncClient(base_url=client.url, timeout=60) as http:
+        # Replica 1 must die mid-generation, with tokens already through the gateway, so that its
+        # open calls fail (a call that dies before its first token is retried on replica 0). A
+        # fixed wait raced the tiny model on a loaded 2-core machine: the kill came before any
+        # token, or after replica 1 had finished. So replica 1 runs at a tenth of its speed
+        # (SIGSTOP/SIGCONT, 5 ms in 50: slow enough to watch, quick enough for its health checks),
+        # and is killed once, frozen, the gateway holds tokens of a request it has not finished
+        # (each finished request brought 240).
+        victim = dep.workers[1].pid
+
+        def throttle(stop: threading.Event):
+            while not stop.is_set():
+                os.kill(victim, signal.SIGCONT)
+                time.sleep(0.005)
+                os.kill(victim, signal.SIGSTOP)
+                time.sleep(0.045)
+
+        def unfinished(scrape: str) -> bool:
+            tokens = _counter(scrape, "mii_generation_tokens_total", 'replica="1"')
+            return tokens > 240 * _counter(scrape, "mii_replica_requests_total", 'outcome="ok",replica="1"')
+
+        async with httpx.AsyncClient(base_url=client.url, timeout=90) as http:
+            stop = threading.Event()
+            slow = threading.Thread(target=throttle, args=(stop,))
+            slow.start()
             tasks = [asyncio.create_task(one(http, i)) for i in range(16)]
-            while model_info(dep.worker_addresses[1]).num_running == 0:  # wait for replica 1 to be busy
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.1)  # ... and streaming tokens
-            os.kill(dep.workers[1].pid, signal.SIGKILL)
+            try:
+                async with asyncio.timeout(60):
+                    while True:
+                        while not unfinished((await http.get("/metrics")).text):
+                            await asyncio.sleep(0.05)
+                        stop.set()
+                        await asyncio.to_thread(slow.join)  # it leaves replica 1 stopped
+                        await asyncio.sleep(0.3)  # the gateway takes in what replica 1 had sent
+                        if unfinished((await http.get("/metrics")).text):  # its probe of replica 1 times out (2 s)
+                            break
+                        stop = threading.Event()  # a loaded gateway had counted late: go on
+                        slow = threading.Thread(target=throttle, args=(stop,))
+                        slow.start()
+            finally:
+                stop.set()
+                slow.join()
+                os.kill(victim, signal.SIGKILL)
             # sent right after the kill, before any health check: retried on replica 0 if it lands on 1
             after = [await http.post("/v1/completions", json={"model": "tiny-loss", "prompt": "x", "max_tokens": 4})
                      for _ in range(4)]
