@@ -77,14 +77,18 @@ def test_replica_loss_then_terminate_leaves_no_children(tiny_model_dir, tmp_path
                 os.kill(victim, signal.SIGSTOP)
                 time.sleep(0.045)
 
+        def throttled() -> tuple[threading.Event, threading.Thread]:
+            stop = threading.Event()
+            thread = threading.Thread(target=throttle, args=(stop,))
+            thread.start()
+            return stop, thread
+
         def unfinished(scrape: str) -> bool:
             tokens = _counter(scrape, "mii_generation_tokens_total", 'replica="1"')
             return tokens > 240 * _counter(scrape, "mii_replica_requests_total", 'outcome="ok",replica="1"')
 
         async with httpx.AsyncClient(base_url=client.url, timeout=90) as http:
-            stop = threading.Event()
-            slow = threading.Thread(target=throttle, args=(stop,))
-            slow.start()
+            stop, slow = throttled()
             tasks = [asyncio.create_task(one(http, i)) for i in range(16)]
             try:
                 async with asyncio.timeout(60):
@@ -96,9 +100,7 @@ def test_replica_loss_then_terminate_leaves_no_children(tiny_model_dir, tmp_path
                         await asyncio.sleep(0.3)  # the gateway takes in what replica 1 had sent
                         if unfinished((await http.get("/metrics")).text):  # its probe of replica 1 times out (2 s)
                             break
-                        stop = threading.Event()  # a loaded gateway had counted late: go on
-                        slow = threading.Thread(target=throttle, args=(stop,))
-                        slow.start()
+                        stop, slow = throttled()  # a loaded gateway had counted late: go on
             finally:
                 stop.set()
                 slow.join()
