@@ -29,6 +29,10 @@ def tp_section(t: dict) -> list[str]:
                 f"({t['tp2_nccl']['bs1_ms_per_step'] / t['tp1']['bs1_ms_per_step']:.2f}x)"
                 + (f"; one NCCL all-reduce in a graph {t['allreduce_nccl_us']:.1f} us"
                    if "allreduce_nccl_us" in t else "") + "."] if "tp2_nccl" in t else []),
+             *([f"- TP=2 with its norms unfolded (an all-reduce-and-norm kernel after each row-parallel GEMV; "
+                f"folded, the GEMV sums its bands over the ranks itself): "
+                f"{t['tp2_unfolded']['bs1_ms_per_step']:.2f} ms/step ({t['unfolded_latency_ratio']:.2f}x)."]
+               if "tp2_unfolded" in t else []),
              *([f"- all-reduce of one token's hidden state ({t.get('allreduce_kind', 'NCCL')}): "
                 f"{t['allreduce_us']:.1f} us"
                 + (f" replayed in a CUDA graph ({t['allreduce_eager_us']:.1f} us launched eagerly)"
@@ -49,7 +53,8 @@ def tp_section(t: dict) -> list[str]:
                 f"nothing; they add {t['tp2']['bs1_ms_per_step'] - t['rank_alone']['bs1_ms_per_step']:.2f} ms."]
                if "rank_alone" in t else []),
              *([f"- the rank alone (the line above): from {t['rank_alone_from']}."]
-               if "rank_alone_from" in t else []), ""]
+               if "rank_alone_from" in t else []),
+             *([f"- Note: {t['note']}"] if "note" in t else []), ""]
     if "tp2_profile" in t:  # rank 0's kernels per decode step (`--profile`), TP=1 against TP=2
         ps = [t["tp1_profile"], t["tp2_profile"]]
         names = ["TP=1", "TP=2"]

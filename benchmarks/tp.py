@@ -157,57 +157,43 @@ def _engines(args, res: dict, say) -> None:
             eng.shutdown()
             del eng
             torch.cuda.empty_cache()
-        # TP=1, then TP=1 without the norm fold (when TP=1 folds: the ranks cannot, so that is
-        # the arithmetic TP=2 must reproduce), then TP=2 with NCCL alone, then as shipped.
-        for tp, peer, fold in ((1, True, True), (1, True, False), (2, False, True), (2, True, True)):
-            if not fold and not res["tp1"]["folds"]:
+        # TP=1; TP=2 with NCCL alone; TP=2 with its norms unfolded (an all-reduce-and-norm
+        # kernel after each row-parallel GEMV, as before the ranks could fold); TP=2 as shipped;
+        # and, when TP=1 folds and TP=2 does not, TP=1 unfolded: the arithmetic TP=2 reproduces.
+        runs = [("tp1", 1, True, True), ("tp2_nccl", 2, False, True), ("tp2_unfolded", 2, True, False),
+                ("tp2", 2, True, True), ("tp1_unfolded", 1, True, False)]
+        for name, tp, peer, fold in runs:
+            if name == "tp1_unfolded" and not (res["tp1"]["folds"] and not res["tp2"]["folds"]):
                 continue
             eng, startup = ours.make_engine(path, tensor_parallel=tp, enable_cuda_graph=not args.no_cuda_graph,
                                             custom_all_reduce=peer, quantize=args.quantize, fold_norms=fold)
-            if not fold:
-                tokens["tp1_unfolded"] = [o.token_ids for o in eng.generate(prompts, greedy)]
-                top5["tp1_unfolded"] = [dict(o.logprobs[0].top) for o in eng.generate(prompts, first_lp)]
-                say("TP=1 without the norm fold: outputs taken")
-                eng.shutdown()
-                del eng
-                torch.cuda.empty_cache()
-                continue
-            if not peer:
-                res["tp2_nccl"] = {"bs1_ms_per_step": ours.decode(eng, 1)["ms_per_step"]}
-                say(f"TP=2 NCCL only: {res['tp2_nccl']['bs1_ms_per_step']:.2f} ms/step")
-                eng.shutdown()
-                del eng
-                torch.cuda.empty_cache()
-                continue
-            say(f"TP={tp} engine ready in {startup:.1f}s")
+            say(f"{name} engine ready in {startup:.1f}s")
             ours.decode(eng, 1, new_tokens=16)
             d = ours.decode(eng, 1)
-            if args.profile:
-                res[f"tp{tp}_profile"] = _profile(eng)
-            tokens[tp] = [o.token_ids for o in eng.generate(prompts, greedy)]
-            top5[tp] = [dict(o.logprobs[0].top) for o in eng.generate(prompts, first_lp)]
-            res[f"tp{tp}"] = {"startup_s": startup, "bs1_ms_per_step": d["ms_per_step"], "bs1_tok_s": d["tok_s"],
-                              "graphs": eng.runner.graphs is not None, "folds": eng.runner.model.fold_norms}
-            say(f"TP={tp} measured: {d['ms_per_step']:.2f} ms/step")
+            res[name] = {"startup_s": startup, "bs1_ms_per_step": d["ms_per_step"], "bs1_tok_s": d["tok_s"],
+                         "graphs": eng.runner.graphs is not None, "folds": eng.runner.model.fold_norms}
+            say(f"{name}: {d['ms_per_step']:.3f} ms/step")
+            if name in ("tp1", "tp2", "tp1_unfolded"):
+                if args.profile and name != "tp1_unfolded":
+                    res[f"{name}_profile"] = _profile(eng)
+                tokens[name] = [o.token_ids for o in eng.generate(prompts, greedy)]
+                top5[name] = [dict(o.logprobs[0].top) for o in eng.generate(prompts, first_lp)]
             _save(args, res)  # so that a hang at shutdown loses nothing
             eng.shutdown()
             del eng
             torch.cuda.empty_cache()
         res["latency_ratio"] = res["tp2"]["bs1_ms_per_step"] / res["tp1"]["bs1_ms_per_step"]
-        ref = "tp1_unfolded" if "tp1_unfolded" in tokens else 1  # TP=1 in the ranks' arithmetic
-        res["outputs_reference"] = "TP=1 without the norm fold" if ref != 1 else "TP=1"
-        res["identical_outputs"] = tokens[ref] == tokens[2]
-        res["first_token_agreement"] = sum(a[:8] == b[:8] for a, b in zip(tokens[ref], tokens[2])) / len(prompts)
+        res["unfolded_latency_ratio"] = res["tp2_unfolded"]["bs1_ms_per_step"] / res["tp1"]["bs1_ms_per_step"]
+        ref = "tp1_unfolded" if "tp1_unfolded" in tokens else "tp1"  # TP=1 in TP=2's arithmetic
+        res["outputs_reference"] = "TP=1 without the norm fold" if ref != "tp1" else "TP=1"
+        res["identical_outputs"] = tokens[ref] == tokens["tp2"]
+        res["first_token_agreement"] = sum(a[:8] == b[:8] for a, b in zip(tokens[ref], tokens["tp2"])) / len(prompts)
         # the first generated token alone (first_token_agreement above compares the first 8)
-        res["one_token_agreement"] = sum(a[:1] == b[:1] for a, b in zip(tokens[ref], tokens[2])) / len(prompts)
+        res["one_token_agreement"] = sum(a[:1] == b[:1] for a, b in zip(tokens[ref], tokens["tp2"])) / len(prompts)
         # how far TP=2's first-token log-probabilities are from the reference's (shared top-5 ids)
-        res["max_logprob_diff"] = _max_diff(top5[ref], top5[2])
-        if ref != 1:  # what the fold alone changes on one GPU
-            res["identical_to_folded_tp1"] = tokens[1] == tokens[2]
-            res["fold_identical_outputs"] = tokens[1] == tokens[ref]
-            res["fold_max_logprob_diff"] = _max_diff(top5[1], top5[ref])
+        res["max_logprob_diff"] = _max_diff(top5[ref], top5["tp2"])
         if "fp16" in top5:
-            res["max_logprob_diff_vs_fp16"] = {f"tp{tp}": _max_diff(top5["fp16"], top5[tp]) for tp in (1, 2)}
+            res["max_logprob_diff_vs_fp16"] = {k: _max_diff(top5["fp16"], top5[k]) for k in ("tp1", "tp2")}
 
 
 def _rank_alone(args, say) -> dict:

@@ -22,6 +22,9 @@ lowered in turn, so they are clean between calls. The reference is ``torch.distr
 ``PeerAllReduce.add_norm`` runs the same exchange one row per program and goes on, in
 the same launch, with what follows a row-parallel linear in a decoder block: its bias,
 the residual add and the next norm (one kernel where there were two, twice a layer).
+
+The same memory also holds the band area of ``kernels/band_exchange.py``, where a row-parallel
+decode GEMV sums its output bands over the ranks in its own epilogue (``bands``).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .band_exchange import MAX_BANDS, BandExchange
 from .norm import norm_params, norm_row, norm_warps
 from .pdl import enter
 
@@ -151,7 +155,8 @@ def _reduce_add_norm_kernel(x_ptr, lb_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, bu
 
 
 # Every kernel that waits on its peers: they must run on every rank or on none
-# (mii/engine/precompile.py skips them all while it records what to compile).
+# (mii/engine/precompile.py skips them all while it records what to compile; the decode
+# GEMV's exchanging variant, kernels/skinny_kernel.py, is one too).
 EXCHANGE_KERNELS = (_one_shot_kernel, _gather_kernel, _reduce_add_norm_kernel)
 
 
@@ -174,6 +179,9 @@ class PeerAllReduce:
         self.pads = torch.tensor(pads, dtype=torch.int64, device=device)
         self.counters = torch.zeros(MAX_PROGRAMS, dtype=torch.int32, device=device)  # calls per program
         self.asm = device.type == "cuda"
+        area = MAX_PROGRAMS * 2 * world * self.region  # the bands' area follows the programs' regions
+        self.bands = BandExchange(torch.tensor([b + area for b in buffers], dtype=torch.int64, device=device),
+                                  torch.zeros(MAX_BANDS, dtype=torch.int32, device=device), rank, world)
 
     @staticmethod
     def region_bytes(max_bytes: int) -> int:
@@ -182,7 +190,7 @@ class PeerAllReduce:
 
     @classmethod
     def buffer_bytes(cls, world: int, max_bytes: int) -> int:
-        return MAX_PROGRAMS * 2 * world * cls.region_bytes(max_bytes)
+        return MAX_PROGRAMS * 2 * world * cls.region_bytes(max_bytes) + BandExchange.area_bytes(world)
 
     @staticmethod
     def pad_slots(world: int) -> int:

@@ -16,7 +16,8 @@ import triton
 from . import pdl
 from .activation import split_kind
 from .counters import zeroed
-from .skinny_kernel import _skinny_kernel
+from .band_exchange import BAND_REGION, MAX_BANDS, BandExchange
+from .skinny_kernel import _skinny_exchange_kernel, _skinny_kernel
 
 
 @functools.cache
@@ -132,7 +133,7 @@ class RowNorm(NamedTuple):
 def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None,
                 x_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 stats: torch.Tensor | None = None, rms: bool = True, norm: RowNorm | None = None,
-                release_first: bool = False) -> None:
+                release_first: bool = False, exchange: BandExchange | None = None) -> None:
     """Launch the kernel on 2-D x2 into y; ``bits`` 16 (float weight, ``scales`` unused), 8 or
     4; ``cfg`` from :func:`skinny_config`, minus "kind". ``act``: a ``kernels.activation``
     kind applied, with the bias, in the epilogue; y is [M, N / 2] for a gated kind, else [M, N].
@@ -148,7 +149,14 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
     192-token context (H100, 2026-11-24, ms, bs=1 / bs=8): Llama-1B 1.054 -> 1.034 / 1.099 ->
     1.082, OPT-1.3B 1.273 -> 1.267 / 1.402 -> 1.380, 7B fp16 4.910 -> 4.825 / 5.306 -> 5.274,
     7B W4A16 2.534 -> 2.504 / 2.950 -> 2.911. Not for a pipelined one-row loop (``cfg``'s
-    LOOP_STAGES, the 7B W8A16 qkv at bs=1), which keeps its own: there it was 0.2% slower."""
+    LOOP_STAGES, the 7B W8A16 qkv at bs=1), which keeps its own: there it was 0.2% slower.
+
+    ``exchange`` (with ``residual``): the weight is a row-parallel slice, and x W^T this rank's
+    partial sum. Each band's last program sums it over the ranks through peer memory before
+    the bias and the residual (``kernels/band_exchange.py``), so every rank
+    writes the same y and statistics, and the all-reduce and norm kernels that followed the
+    GEMV are gone. A band's program waits there for its peers' same band: see
+    :func:`exchange_fits` for why that cannot deadlock."""
     M, N, K = x2.shape[0], w.shape[0], x2.shape[1]
     if w.shape[1] * (2 if bits == 4 else 1) != K:
         raise ValueError(f"x has K={K} columns but the weight {tuple(w.shape)} takes "
@@ -166,6 +174,8 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
         raise ValueError("a residual takes no activation, a stats buffer, and the output's shape and strides")
     if norm is not None and (xq or norm.stats.shape[2] != M or (not norm.rms and norm.row_sums is None)):
         raise ValueError(f"a folded norm needs float x, stats for its {M} rows, and row sums for a layer norm")
+    if exchange is not None and residual is None:
+        raise ValueError("a GEMV exchanges its bands only with a residual (a folded norm after it)")
     if K % cfg["BK"]:  # the loop covers K // BK whole tiles: a ragged K would lose its tail
         raise ValueError(f"K={K} is not a multiple of the tile's BK={cfg['BK']}")
     cfg = dict(cfg)
@@ -176,6 +186,8 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
     n_bands = triton.cdiv(N // 2, cfg["BN"] // 2) if gated else triton.cdiv(N, cfg["BN"])
     if residual is not None and tuple(stats.shape) != (n_bands, 2, M):
         raise ValueError(f"stats must be [{n_bands}, 2, {M}], got {tuple(stats.shape)}")
+    if exchange is not None and not _exchange_fits(n_bands, cfg["BN"] * cfg["BM"], x2.device):
+        raise ValueError(f"{n_bands} bands of {cfg['BN']}x{cfg['BM']} cannot exchange on {x2.device}")
     NP = n_bands * cfg["BN"]
     part = torch.empty((split, M, NP) if split > 1 else (1,), device=x2.device,
                        dtype=torch.int32 if xq else torch.float32)
@@ -183,10 +195,12 @@ def skinny_gemm(x2, w, scales, bias, y, bits, group, cfg, act: str | None = None
     stride_sn, stride_sg = (0, 0) if bits == 16 else (scales.stride(0), scales.stride(1) if scales.dim() == 2 else 0)
     nrm = norm if norm is not None else RowNorm(part, 1, 0.0, rms)
     st = stats if residual is not None else nrm.stats
-    kernel = _skinny_kernel[(n_bands, split)](
+    xc = {} if exchange is None else dict(XCHG=True, XRANK=exchange.rank, XW=exchange.world, XREGION=BAND_REGION)
+    xb = (part, part) if exchange is None else exchange[:2]
+    kernel = (_skinny_kernel if exchange is None else _skinny_exchange_kernel)[(n_bands, split)](
         x2, w, scales, bias if bias is not None else w, y, part, locks, x_scale if xq else scales, M, N, K, NP,
         x2.stride(0), w.stride(0), stride_sn, stride_sg, y.stride(0), split, residual if residual is not None else y,
-        st, nrm.row_sums if nrm.row_sums is not None else part, nrm.stats.shape[0], nrm.band, nrm.eps,
+        st, nrm.row_sums if nrm.row_sums is not None else part, nrm.stats.shape[0], nrm.band, nrm.eps, *xb, **xc,
         GROUP=group, BITS=bits, HAS_BIAS=bias is not None, ASM=x2.is_cuda, ACT=kind, GATED=gated, XQ=xq,
         RES=residual is not None, NORM=norm is not None, RMS=nrm.rms, NB=triton.next_power_of_2(nrm.stats.shape[0]),
         **pdl.launch_args(x2.device), **cfg)
@@ -232,15 +246,33 @@ ROW_TILES = dict(BM=1, BN=64, BK=128, num_warps=8, num_stages=3, waves=4, max_ti
                  pipeline_from=16)
 
 
+def _exchange_fits(bands: int, band_elems: int, device: torch.device) -> bool:
+    # A band's last program waits for its peers' same band. Every program that waits is a
+    # band's last, and the others never wait, so with fewer bands than SMs every band's last
+    # program is resident at some point on every rank (a program takes at most a whole SM;
+    # the next kernel's programs launch only once all of this grid's are running). The
+    # interpreter runs the programs one by one, in the same order on every rank.
+    fits_sms = device.type != "cuda" or bands < _num_sms(device)
+    return fits_sms and bands <= MAX_BANDS and band_elems <= BAND_REGION
+
+
+def exchange_fits(n_out: int, device: torch.device) -> bool:
+    """Whether a row-parallel fp16/bf16 decode GEMV of ``n_out`` outputs, on the weight-streaming
+    tiles (``FLOAT_TILES``), can sum its bands over the ranks itself (``skinny_gemm``'s exchange)."""
+    cfg = skinny_config(n_out, 256, 256, _num_sms(device), **FLOAT_TILES)
+    return _exchange_fits(triton.cdiv(n_out, cfg["BN"]), cfg["BN"] * cfg["BM"], device)
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: dict | None = None, act: str | None = None, residual: torch.Tensor | None = None,
-                  rms: bool = True, norm: RowNorm | None = None, release_first: bool = False):
+                  rms: bool = True, norm: RowNorm | None = None, release_first: bool = False,
+                  exchange: BandExchange | None = None):
     """y = x W^T + b for a float weight [N, K] and x [..., K] with at most 16 rows: the same
     weight-streaming kernel as W8A16 decode, so fp16 decode GEMMs join the PDL chain.
     ``act``: y = bias_act(x W^T, b, act) in the same kernel (N / 2 columns for a gated kind).
     ``residual``: returns (y + residual, its band statistics for an RMS (``rms``) or layer
     norm, their band width); ``norm``: x is normalized by it first (see :class:`RowNorm`).
-    ``release_first``: see :func:`skinny_gemm`."""
+    ``release_first``, ``exchange``: see :func:`skinny_gemm`."""
     K, N = x.shape[-1], weight.shape[0]
     if weight.shape[1] != K or weight.dtype != x.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not fit weight {tuple(weight.shape)} {weight.dtype}")
@@ -257,7 +289,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     stats = None if residual is None else residual_stats(y, cfg)
     if x2.shape[0]:
         skinny_gemm(x2, weight, weight, bias, y, 16, K, cfg, act, residual=_rows2(residual, N), stats=stats,
-                    rms=rms, norm=norm, release_first=release_first)
+                    rms=rms, norm=norm, release_first=release_first, exchange=exchange)
     y = y.reshape(*x.shape[:-1], n_out)
     return y if residual is None else (y, stats, cfg["BN"])
 

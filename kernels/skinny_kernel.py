@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .activation import _act
+from .band_exchange import band_sum
 from .dequant import dequant4, dequant8, prefetch_l2
 from .norm import band_stats, row_stats_load, row_stats_of
 from .pdl import gdc_launch_dependents, gdc_wait
@@ -76,6 +77,19 @@ def _scaled(acc, xs_ptr, ws_ptr, rn, rm, M, XQ: tl.constexpr):
 
 
 @triton.jit
+def _across(acc, pid_n, rm, M, xb_ptr, xc_ptr, XCHG: tl.constexpr, XRANK: tl.constexpr, XW: tl.constexpr,
+            XREGION: tl.constexpr):
+    """XCHG: the band's y^T [BN, BM] summed over the ranks in fp32, in rank order (the same
+    bits on every rank; ``kernels/band_exchange.py``); otherwise acc as it is."""
+    if XCHG:
+        offs = tl.arange(0, acc.shape[0])[:, None] * acc.shape[1] + rm[None, :]
+        out = band_sum(acc.to(tl.float32), offs, rm[None, :] < M, xb_ptr, xc_ptr, pid_n, XREGION, XRANK, XW)
+    else:
+        out = acc
+    return out
+
+
+@triton.jit
 def _normed(acc, mean, rstd, c_ptr, rn, NORM: tl.constexpr, RMS: tl.constexpr):
     """NORM: y^T [BN, BM] of the normalized x from the sums over h itself (see the kernel)."""
     if NORM:
@@ -120,17 +134,21 @@ def _row_dot(q, x, s, ASM: tl.constexpr, A_REGS: tl.constexpr, BITS: tl.constexp
 
 # M, SPLIT_K and the scale stride stay runtime values: one compiled kernel per tile config
 # serves every decode batch size, split and layer (down_proj's K/128 = 86 is no multiple of 16).
-@triton.jit(do_not_specialize=["M", "stride_sn", "stride_sg", "SPLIT_K"])
+RUNTIME_ARGS = ["M", "stride_sn", "stride_sg", "SPLIT_K"]
+
+
+@triton.jit(do_not_specialize=RUNTIME_ARGS)
 def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr, M, N, K, NP,
                    stride_xm, stride_wn, stride_sn, stride_sg, stride_ym, SPLIT_K,
-                   r_ptr, st_ptr, c_ptr, n_bands, band, eps,
+                   r_ptr, st_ptr, c_ptr, n_bands, band, eps, xb_ptr, xc_ptr,
                    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, U: tl.constexpr, A_REGS: tl.constexpr,
                    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
                    ACT: tl.constexpr = "", GATED: tl.constexpr = False, XQ: tl.constexpr = False,
                    RELEASE: tl.constexpr = 0, RES: tl.constexpr = False, NORM: tl.constexpr = False,
                    RMS: tl.constexpr = True, NB: tl.constexpr = 1,
-                   LOOP_STAGES: tl.constexpr = 0):
+                   LOOP_STAGES: tl.constexpr = 0, XCHG: tl.constexpr = False, XRANK: tl.constexpr = 0,
+                   XW: tl.constexpr = 1, XREGION: tl.constexpr = 0):
     # Program (pid_n, pid_k) streams weight rows [pid_n*BN, +BN) over its share of K in
     # steps of U [BN, BK] tiles side by side along K (U > 1 reads longer runs of each row at
     # once; on the H100 it measured no faster than U = 1, the default). Loads are 16 bytes
@@ -148,6 +166,9 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
     # left, after taking out mean * (the row sums of W, at c_ptr) for a layer norm.
     # Normalizing x tile by tile instead cost 4.8 us per GEMV (1B gate_up, H100): wgmma's
     # x operand could no longer go straight from global to shared memory.
+    # XCHG (a row-parallel layer under tensor parallelism, with RES): each band's partial is
+    # summed over the ranks before its bias and residual (_across), so the folded norm's
+    # statistics are of the whole sum, and no all-reduce kernel runs (skinny_gemm's exchange).
     # BM = 1 (one row of x, ROW_TILES in skinny_gemm.py): no MMA, which would pad the row to
     # 16; each tile times the row is summed on the CUDA cores (_row_dot), and a tile may then
     # span several scale groups.
@@ -268,9 +289,18 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, lock_ptr, xs_ptr
             total = tl.zeros_like(acc)
             for i in range(SPLIT_K):
                 total += tl.load(p_ptrs + i * M * NP, mask=pmask, other=0, cache_modifier=".cg")
-            _epilogue(_normed(_scaled(total, xs_ptr, s_ptr, rn, rm, M, XQ), mean, rstd, c_ptr, rn, NORM, RMS), b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym,
-                      HAS_BIAS, ACT, GATED, BN, BM, res, st_ptr, RES, RMS)
+            out = _normed(_scaled(total, xs_ptr, s_ptr, rn, rm, M, XQ), mean, rstd, c_ptr, rn, NORM, RMS)
+            out = _across(out, pid_n, rm, M, xb_ptr, xc_ptr, XCHG, XRANK, XW, XREGION)
+            _epilogue(out, b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym, HAS_BIAS, ACT, GATED, BN, BM, res, st_ptr,
+                      RES, RMS)
             tl.atomic_xchg(lock_ptr + pid_n, 0)  # ready for the next launch
     else:
-        _epilogue(_normed(_scaled(acc, xs_ptr, s_ptr, rn, rm, M, XQ), mean, rstd, c_ptr, rn, NORM, RMS), b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym,
-                  HAS_BIAS, ACT, GATED, BN, BM, res, st_ptr, RES, RMS)
+        out = _normed(_scaled(acc, xs_ptr, s_ptr, rn, rm, M, XQ), mean, rstd, c_ptr, rn, NORM, RMS)
+        out = _across(out, pid_n, rm, M, xb_ptr, xc_ptr, XCHG, XRANK, XW, XREGION)
+        _epilogue(out, b_ptr, y_ptr, pid_n, rn, rm, M, N, stride_ym, HAS_BIAS, ACT, GATED, BN, BM, res, st_ptr,
+                  RES, RMS)
+
+
+# The same kernel for launches that exchange (XCHG), compiled apart: it waits on its peers,
+# so the engine's precompile passes must skip it on every rank (mii/engine/precompile.py).
+_skinny_exchange_kernel = triton.jit(_skinny_kernel.fn, do_not_specialize=RUNTIME_ARGS)

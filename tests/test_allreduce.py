@@ -210,10 +210,51 @@ def _gpu_rank(r, world, port, q):
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x)
         ok.append(bool(torch.equal(ar.all_gather_last_dim(x), torch.cat(parts, dim=-1))))
+    ok += _gpu_exchange_gemv(ar, r, world)
     torch.cuda.synchronize()
     q.put((r, ok))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _gpu_exchange_gemv(ar, r, world) -> list[bool]:
+    """The row-parallel decode GEMV that sums its bands over the ranks (tests/test_exchange_gemv.py),
+    7B shapes: against NCCL's sum of the float32 partials, the same bits on every rank, eagerly
+    and 64 to a CUDA graph (a decode step's worth), replayed with new inputs."""
+    import torch.distributed as dist
+    from kernels.skinny_gemm import skinny_linear
+    ok = []
+    N, k = 4096, 5504 // world
+    w = torch.randn(N, k, device="cuda", dtype=torch.float16) / k ** 0.5
+    bias = torch.randn(N, device="cuda", dtype=torch.float16)
+    dist.broadcast(bias, 0)
+    for T in (1, 16):
+        xs = [torch.randn(T, k, device="cuda", dtype=torch.float16) for _ in range(64)]
+        res = [torch.randn(T, N, device="cuda", dtype=torch.float16) for _ in range(64)]
+        for t in res:
+            dist.broadcast(t, 0)
+        outs = [None] * 64
+        graph, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        skinny_linear(xs[0], w, bias, residual=res[0], exchange=ar.bands)  # compile outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.stream(s), torch.cuda.graph(graph):
+            for i in range(64):
+                outs[i] = skinny_linear(xs[i], w, bias, residual=res[i], exchange=ar.bands)
+        for replay in range(3):
+            for t in xs:
+                t.copy_(torch.randn_like(t))
+            graph.replay()
+            for i in (0, 31, 63):
+                part = xs[i].float() @ w.float().T
+                dist.all_reduce(part)
+                want = (part + bias.float()).half() + res[i]
+                y = outs[i][0]
+                mine = torch.cat((y.float().flatten(), outs[i][1].flatten()))
+                theirs = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(theirs, mine)
+                ok.append(bool(torch.allclose(y.float(), want.float(), atol=2e-2, rtol=1e-2)))
+                ok.append(all(torch.equal(t, theirs[0]) for t in theirs))
+    return ok
 
 
 @pytest.mark.multi_gpu

@@ -35,6 +35,9 @@ def _run(path, tp, **kw):
         # Every engine of this process after the first, too: torch 2.11's symmetric-memory
         # rendezvous timed out there after 2 minutes and left NCCL doing every reduce.
         assert (TP.peer_all_reduce is not None) == (tp > 1)
+        # fp16 decode steps fold their norms at TP=2 as at TP=1: the row-parallel GEMVs sum
+        # their bands over the ranks themselves (kernels/skinny_gemm.py's exchange)
+        assert eng.runner.model.fold_norms == ("quantize" not in kw)
         tokens = [o.token_ids for o in eng.generate(PROMPTS, GREEDY)]
         tokens += [eng.generate([p], GREEDY)[0].token_ids for p in SHARED]
         hits = eng.stats["prefix_cache_hit_tokens"]

@@ -56,11 +56,12 @@ def deferred() -> Iterator[dict]:
     from triton import knobs
 
     from kernels.allreduce import EXCHANGE_KERNELS
+    from kernels.skinny_kernel import _skinny_exchange_kernel
 
     seen: dict = {}
     stand_ins: list = []
     previous = knobs.runtime.jit_cache_hook
-    held = [(entry[0], dict(entry[0])) for kernel in EXCHANGE_KERNELS
+    held = [(entry[0], dict(entry[0])) for kernel in (*EXCHANGE_KERNELS, _skinny_exchange_kernel)
             for entry in getattr(kernel, "device_caches", {}).values()]  # none under the interpreter
     for cache, _ in held:
         cache.clear()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from kernels.skinny_gemm import exchange_fits
 from mii.policies.base import ModelSpec, alibi_slopes
 from .fold import Folded, Normed, step_folds
 from .layers import GatedUpLinear, Linear, Norm, PositionEmbedding, QKVLinear, VocabEmbedding
@@ -160,10 +161,14 @@ class DecoderModel(nn.Module):
         self.head_folded = False  # the final norm's weights are in the LM head's (fold.py)
 
     def foldable(self) -> bool:
-        """Whether decode steps can fold the norms into the linears (fold.py): one rank,
-        sequential residual blocks, and every linear an fp16/bf16 one on the decode kernel.
-        The model runner asks once the model is loaded (and quantized, which rules it out)."""
-        if TP.size > 1 or self.spec.parallel_residual or self.dtype not in (torch.float16, torch.bfloat16):
+        """Whether decode steps can fold the norms into the linears (fold.py): sequential
+        residual blocks, every linear an fp16/bf16 one on the decode kernel, and under TP the
+        row-parallel GEMVs able to sum their outputs over the ranks themselves (the peer-memory
+        all-reduce set up; every rank gets the same answer). The model runner asks once the
+        model is loaded (and quantized, which rules it out)."""
+        if self.spec.parallel_residual or self.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if TP.size > 1 and (TP.peer_all_reduce is None or not exchange_fits(self.spec.hidden, self.embed.weight.device)):
             return False
         linears = [m for b in self.layers for m in (b.attn.qkv, b.attn.o, b.mlp.up, b.mlp.down)]
         return all(getattr(m, "folds", False) for m in linears) and self.spec.hidden % 16 == 0

@@ -12,9 +12,13 @@ launch that streams no weight. Folded:
   h itself and scale each output row by 1 / rms(h), first taking out mean(h) times the weight
   row's sum for a LayerNorm (:class:`Normed`).
 
+Under TP the row-parallel GEMVs (o, down) sum their bands over the ranks in their epilogue
+through peer memory before adding the residual (``kernels.skinny_gemm.skinny_gemm``'s
+exchange), so every rank holds the same h and statistics, and a layer runs the five kernels
+it runs on one GPU; unfolded, an all-reduce-and-norm kernel follows each of them.
+
 It applies where every linear runs the weight-streaming decode kernel on fp16/bf16 weights:
-one rank (under TP the norm also sums the ranks' partials, ``kernels/allreduce.py``),
-sequential residual blocks, no quantization (its weights would have to be folded before
+one rank, or TP with the peer-memory all-reduce set up, sequential residual blocks, no quantization (its weights would have to be folded before
 they are quantized), at most ``SKINNY_M`` tokens in the step. A tied LM head keeps its final
 norm: folding it would change the embedding. ``EngineConfig.fold_norms=False`` turns it off.
 """

@@ -98,8 +98,9 @@ class Linear(nn.Module):
         from its decode kernel's epilogue (when :meth:`fuses_act` says it can), so a decode
         step's MLP runs no separate activation kernel. ``defer``: a row-parallel layer under
         TP returns its :class:`Partial` output, for the norm after it to reduce. A folded norm
-        (decode, one rank): x may be :class:`Normed`, and with ``residual`` the layer returns
-        :class:`Folded` statistics for an RMS (``rms``) or layer norm. ``release_first``: the
+        (decode): x may be :class:`Normed`, and with ``residual`` the layer returns
+        :class:`Folded` statistics for an RMS (``rms``) or layer norm, summed over the ranks
+        first for a row-parallel layer under TP. ``release_first``: the
         decode kernel lets the next one (decode attention) start at once under PDL
         (``kernels.skinny_gemm.skinny_gemm``)."""
         if act is not None and self.kind == "row":
@@ -107,8 +108,10 @@ class Linear(nn.Module):
         bias = self.bias if self.fuse_bias or act is not None else None
         if isinstance(x, Normed) or residual is not None:
             h, norm = (x.h, x.row_norm(self)) if isinstance(x, Normed) else (x, None)
+            # under TP the row-parallel GEMV sums its partial over the ranks itself (fold.py)
+            exchange = TP.peer_all_reduce.bands if residual is not None and self.kind == "row" and TP.size > 1 else None
             out = skinny_linear(h, self.weight, bias, act=act, residual=residual, rms=rms, norm=norm,
-                                release_first=release_first)
+                                release_first=release_first, exchange=exchange)
             return Folded(*out) if residual is not None else out
         if self.kind == "row" and TP.size > 1:
             y = Partial(linear(x, self.weight), bias)
@@ -197,9 +200,10 @@ class VocabEmbedding(nn.Module):
         return all_reduce(out)
 
     def logits(self, h: torch.Tensor | Normed) -> torch.Tensor:
-        if isinstance(h, Normed):  # a folded final norm (one rank)
-            return skinny_linear(h.h, self.weight, self.bias, norm=h.row_norm(self))[..., : self.vocab]
-        out = linear(h, self.weight, self.bias)
+        if isinstance(h, Normed):  # a folded final norm
+            out = skinny_linear(h.h, self.weight, self.bias, norm=h.row_norm(self))
+        else:
+            out = linear(h, self.weight, self.bias)
         return all_gather_last_dim(out)[..., : self.vocab]
 
 
