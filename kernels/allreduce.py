@@ -63,7 +63,8 @@ def _share(x, offs, mask, bufs, pads, counters, pid, REGION, SLOT: tl.constexpr,
     ``mine + (base + p) * REGION + offs``, as (mine, base)."""
     ty = x.dtype
     call = tl.load(counters + pid)
-    base = (pid * 2 + call % 2) * W  # regions and flags of (program, parity), one per sending rank
+    base = (pid * 2 + (call & 1)) * W  # regions and flags of (program, parity), one per sending rank (`& 1`:
+    # right when the int32 counter wraps, after 2^31 calls; `% 2` then gave -1)
     for p in tl.static_range(W):
         if p != RANK:
             peer = tl.load(bufs + p).to(tl.pointer_type(ty))

@@ -47,8 +47,11 @@ def band_sum(x, offs, mask, bufs, counters, band, REGION: tl.constexpr, RANK: tl
     the W ranks in rank order, so every rank gets the same bits. ``offs`` [BN, BM]: each
     value's word in the band's region (< REGION)."""
     call = tl.load(counters + band)
-    base = (band * 2 + call % 2) * W  # regions of (band, parity), one per sending rank
-    word = x.to(tl.uint32, bitcast=True).to(tl.uint64) | ((call + 1).to(tl.uint64) << 32)
+    # The call's number as 32 bits (the int32 counter wraps after 2^31 calls, about a day of
+    # 7B decode steps at TP=2; `& 1` and the unsigned compare stay right across the wrap).
+    tag = (call + 1).to(tl.uint32, bitcast=True)
+    base = (band * 2 + (call & 1)) * W  # regions of (band, parity), one per sending rank
+    word = x.to(tl.uint32, bitcast=True).to(tl.uint64) | (tag.to(tl.uint64) << 32)
     for p in tl.static_range(W):
         if p != RANK:
             peer = tl.load(bufs + p).to(tl.pointer_type(tl.uint64))
@@ -61,7 +64,7 @@ def band_sum(x, offs, mask, bufs, counters, band, REGION: tl.constexpr, RANK: tl
         else:
             src = mine + (base + p) * REGION + offs
             got = tl.load(src, mask=mask, other=0, volatile=True)
-            while tl.sum((((got >> 32) != (call + 1).to(tl.uint64)) & mask).to(tl.int32), axis=None) > 0:
+            while tl.sum((((got >> 32).to(tl.uint32) != tag) & mask).to(tl.int32), axis=None) > 0:
                 got = tl.load(src, mask=mask, other=0, volatile=True)
             acc += tl.where(mask, got.to(tl.uint32).to(tl.float32, bitcast=True), 0.0)
     tl.store(counters + band, call + 1)

@@ -45,21 +45,25 @@ def _shared_buffers(world):
     return bufs, pads
 
 
-def _interpreted_rank(r, world, xs, bufs_t, pads_t, outs):
+def _interpreted_rank(r, world, xs, bufs_t, pads_t, outs, start=0):
     ar = _interpreted(r, world, bufs_t, pads_t)
+    ar.counters.fill_(start)
     for call in range(outs[r].shape[0]):
         outs[r][call].copy_(ar(xs[r] * (call + 1)))
 
 
-@pytest.mark.parametrize("world,dtype", [(2, torch.float16), (3, torch.float32)])
-def test_one_shot_all_reduce_interpreted(world, dtype):
-    """Three calls, so each program writes both parities' regions and then the first again."""
+@pytest.mark.parametrize("world,dtype,start", [(2, torch.float16, 0), (3, torch.float32, 0),
+                                               (2, torch.float32, 2**31 - 2)])
+def test_one_shot_all_reduce_interpreted(world, dtype, start):
+    """Three calls, so each program writes both parities' regions and then the first again;
+    from ``start`` calls on, where the int32 call counters wrap on the way (after 2^31 calls,
+    about a day of decode steps)."""
     n, calls = 1100, 3  # two programs of 1,024, the second ragged
     g = torch.Generator().manual_seed(world)
     xs = [torch.randn(n, generator=g).to(dtype).share_memory_() for _ in range(world)]
     bufs, pads = _shared_buffers(world)
     outs = [torch.zeros(calls, n, dtype=dtype).share_memory_() for _ in range(world)]
-    _run_ranks(world, _interpreted_rank, (world, xs, bufs, pads, outs), timeout=240)
+    _run_ranks(world, _interpreted_rank, (world, xs, bufs, pads, outs, start), timeout=240)
     for call in range(calls):
         want = sum((x * (call + 1)).float() for x in xs).to(dtype)  # fp32, rank order
         for r in range(world):
@@ -169,6 +173,8 @@ def _gpu_rank(r, world, port, q):
     torch.cuda.set_device(r)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world)
     ar = PeerAllReduce.create(dist.group.WORLD, torch.device("cuda", r))
+    ar.counters.fill_(2**31 - 2)  # the calls below cross the int32 wrap of the call counters
+    ar.bands.counters.fill_(2**31 - 2)
     ok = []
     for n, dtype in ((4096, torch.float16), (8 * 5120 + 3, torch.bfloat16), (200_000, torch.float16),
                      (1000, torch.float32)):

@@ -30,8 +30,9 @@ def _case(world: int, M: int, N: int, K: int, seed: int):
     return xs, ws, bias, res
 
 
-def _rank(r, world, split, rms, case, bufs_t, pads_t, hs, stats):
+def _rank(r, world, split, rms, start, case, bufs_t, pads_t, hs, stats):
     ar = _interpreted(r, world, bufs_t, pads_t)  # sets TRITON_INTERPRET before triton loads
+    ar.bands.counters.fill_(start)
     from kernels.skinny_gemm import skinny_config, skinny_gemm
     xs, ws, bias, res = case
     M, k = xs[r].shape[1:]
@@ -48,15 +49,18 @@ def _rank(r, world, split, rms, case, bufs_t, pads_t, hs, stats):
         stats[r][call].copy_(st)
 
 
-@pytest.mark.parametrize("world,M,split,rms", [(2, 1, 1, True), (2, 3, 2, False), (3, 2, 1, True)])
-def test_gemv_sums_its_bands_over_the_ranks(world, M, split, rms):
+# start: the bands' call counters at first; 2^31 - 2 wraps them on the way (int32, after about a
+# day of 7B decode steps), where the parity and the words' call numbers must stay right
+@pytest.mark.parametrize("world,M,split,rms,start", [(2, 1, 1, True, 0), (2, 3, 2, False, 2**31 - 2),
+                                                     (3, 2, 1, True, 0)])
+def test_gemv_sums_its_bands_over_the_ranks(world, M, split, rms, start):
     N, K = 128, 64 * world
     case = _case(world, M, N, K, seed=10 * world + M)
     xs, ws, bias, res = case
     bufs, pads = _shared_buffers(world)
     hs = [torch.zeros(CALLS, M, N, dtype=torch.float16).share_memory_() for _ in range(world)]
     stats = [torch.zeros(CALLS, N // 32, 2, M).share_memory_() for _ in range(world)]
-    _run_ranks(world, _rank, (world, split, rms, case, bufs, pads, hs, stats), timeout=300)
+    _run_ranks(world, _rank, (world, split, rms, start, case, bufs, pads, hs, stats), timeout=300)
     for call in range(CALLS):
         for r in range(1, world):  # the sum in rank order: the same bits everywhere
             assert torch.equal(hs[r][call], hs[0][call]) and torch.equal(stats[r][call], stats[0][call])
@@ -83,7 +87,10 @@ def _two_streams(_):
     world, N, k = 2, 4096, 2048  # the 7B o_proj's share at TP=2: one program per band, no split-K
     areas = [torch.zeros(BandExchange.area_bytes(world), dtype=torch.uint8, device="cuda") for _ in range(world)]
     bufs = torch.tensor([a.data_ptr() for a in areas], dtype=torch.int64, device="cuda")
-    ex = [BandExchange(bufs, torch.zeros(MAX_BANDS, dtype=torch.int32, device="cuda"), r, world) for r in range(world)]
+    # the call counters 2 short of their int32 wrap: the 6 calls below cross it compiled, where
+    # a signed `% 2` would give -1 (the interpreter's numpy remainder would not)
+    ex = [BandExchange(bufs, torch.full((MAX_BANDS,), 2**31 - 2, dtype=torch.int32, device="cuda"), r, world)
+          for r in range(world)]
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [torch.randn(N, k, device="cuda", generator=g).half() / k ** 0.5 for _ in range(world)]
     bias = torch.randn(N, device="cuda", generator=g).half()
