@@ -168,7 +168,8 @@ class DecoderModel(nn.Module):
         model is loaded (and quantized, which rules it out)."""
         if self.spec.parallel_residual or self.dtype not in (torch.float16, torch.bfloat16):
             return False
-        if TP.size > 1 and (TP.peer_all_reduce is None or not exchange_fits(self.spec.hidden, self.embed.weight.device)):
+        device = self.embed.weight.device
+        if TP.size > 1 and (TP.peer_all_reduce is None or not exchange_fits(self.spec.hidden, device)):
             return False
         linears = [m for b in self.layers for m in (b.attn.qkv, b.attn.o, b.mlp.up, b.mlp.down)]
         return all(getattr(m, "folds", False) for m in linears) and self.spec.hidden % 16 == 0
