@@ -101,6 +101,21 @@ def replay_ms(eng: LLMEngine, batch: int, ctx: int = 192, iters: int = 100) -> f
     """The GPU's share of a decode step: a bare replay of the batch's decode graph at a
     ``ctx``-token context, each sequence on blocks of its own (no host work, no sampling or
     input copies between replays). Writes K/V into the cache: run it between requests only."""
+    graph = staged_decode(eng, batch, ctx)
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def staged_decode(eng: LLMEngine, batch: int, ctx: int = 192) -> torch.cuda.CUDAGraph:
+    """The batch's decode graph with a step at a ``ctx``-token context staged in its inputs
+    (see :func:`replay_ms`), ready to replay."""
     g, bs = eng.runner.graphs, eng.runner.block_size
     key = ("decode", min(n for n in g.sizes if n >= batch))
     w = -(-ctx // bs)
@@ -109,15 +124,7 @@ def replay_ms(eng: LLMEngine, batch: int, ctx: int = 192, iters: int = 100) -> f
     step = StepInputs.of([0] * batch, [ctx - 1] * batch, slots, list(range(batch)), [], [], tables,
                          list(range(batch + 1)), [ctx] * batch, w, pin=False)
     g.stage[:step.data.numel()].copy_(step.data)  # what the graph's first kernel unpacks
-    for _ in range(10):
-        g.graphs[key].replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.graphs[key].replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return g.graphs[key]
 
 
 def ttft(eng: LLMEngine, prompt_len: int = 512, repeats: int = 5) -> float:

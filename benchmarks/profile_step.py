@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,7 +39,10 @@ def _kind(name: str) -> str:
     return "other"
 
 
-def profile(name: str, root: Path, mode: str = "fp16") -> dict:
+def profile(name: str, root: Path, mode: str = "fp16", replays: int = 5) -> dict:
+    """A bs=1 decode step: the engine's, a bare replay of its graph, and where that replay's
+    time goes, kernel by kernel (:func:`chain_shares`), from torch.profiler's trace of the
+    replay itself: the kernels as the step runs them, under PDL and in the graph."""
     path, model = build(name, root)
     wb = weight_bytes(model)
     del model
@@ -47,23 +52,75 @@ def profile(name: str, root: Path, mode: str = "fp16") -> dict:
         wb = weight_bytes_on_device(eng, streamed=True)
     ours.decode(eng, 1, new_tokens=16)
     step = ours.decode(eng, 1)
-    g = eng.runner.graphs
     replay_ms = ours.replay_ms(eng, 1)  # its step stays in the graph's buffers, at a 192-token context
-    # kernels of one eager forward: the same kernels the graph holds, timed on the device
-    ids, ctx = g.input_ids[:1], g._decode_ctx(1)
-    with torch.inference_mode():
-        eng.runner.model(ids, ctx, eng.runner.ops)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            eng.runner.model(ids, ctx, eng.runner.ops)
-            torch.cuda.synchronize()
-    by_kind = _by_kind(prof)
-    kernels_ms = sum(v["us"] for v in by_kind.values()) / 1e3
+    runs = _traced_replays(ours.staged_decode(eng, 1), replays)
     bw = copy_bandwidth()
+    shares = [chain_shares(r) for r in runs]
+    med = [statistics.median(s) for s in zip(*shares)]  # each kernel's share, median over the replays
+    by_kind: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for (kname, _, _), us in zip(runs[0], med):
+        k = by_kind[_kind(kname)]
+        k[0] += 1
+        k[1] += us
     return {"model": name if mode == "fp16" else f"{name} {mode}", "device": torch.cuda.get_device_name(),
-            "pdl": pdl.use(torch.device("cuda")), "weight_bytes": wb,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "pdl": pdl.use(torch.device("cuda")), "weight_bytes": wb, "copy_bandwidth_GBs": bw / 1e9,
             "roofline_ms": 1e3 * wb / bw, "engine_step_ms": step["ms_per_step"], "graph_replay_ms": replay_ms,
-            "kernel_sum_ms": kernels_ms, "kernels": by_kind}
+            "traced_replay_ms": statistics.median(sum(s) for s in shares) / 1e3, "replays_traced": replays,
+            "kernels": {k: {"count": c, "us": round(us, 1)} for k, (c, us) in
+                        sorted(by_kind.items(), key=lambda kv: -kv[1][1])},
+            "linears": _linear_shares(eng.runner.model, runs[0], med, bw)}
+
+
+def chain_shares(kernels: list[tuple[str, float, float]]) -> list[float]:
+    """How far each kernel (name, start, end), in start order, moves the end of the chain: its end
+    past the latest end before it, 0 for one that ends inside an earlier one. Under PDL a kernel
+    starts before the one before it ends, so durations overlap and do not add up; these shares
+    do, to the span from the first start to the last end."""
+    out, last = [], None
+    for _, start, end in kernels:
+        last = start if last is None else last
+        out.append(max(0.0, end - last))
+        last = max(last, end)
+    return out
+
+
+def _traced_replays(graph, replays: int) -> list[list[tuple[str, float, float]]]:
+    """The kernels of each of ``replays`` replays of a CUDA graph: (name, start, end) in us, in
+    start order. One untraced replay leads, and a replay waits for the one before it."""
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+            torch.cuda.synchronize()
+    evs = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e[1])
+    n = len(evs) // replays
+    if n == 0 or len(evs) != n * replays:
+        raise RuntimeError(f"{len(evs)} kernels traced over {replays} replays of one graph")
+    return [evs[i * n:(i + 1) * n] for i in range(replays)]
+
+
+def _module_bytes(m: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+
+def _linear_shares(model, kernels, shares, bw: float) -> dict:
+    """The GEMV kernels' shares by linear (qkv, o, up, down, summed over the layers, and the
+    LM head) against their bytes over the copy bandwidth: in order, when the step runs one
+    GEMV per linear of sequential residual blocks, then the LM head; else {}."""
+    gemv = [us for (kname, _, _), us in zip(kernels, shares) if _kind(kname) == "gemm"]
+    layers = model.layers
+    if layers[0].parallel or len(gemv) != 4 * len(layers) + 1:
+        return {}
+    out = {}
+    for i, name in enumerate(("qkv", "o", "up", "down")):
+        mods = [(b.attn.qkv, b.attn.o, b.mlp.up, b.mlp.down)[i] for b in layers]
+        out[name] = {"us": round(sum(gemv[i:-1:4]), 1),
+                     "bytes_us": round(1e6 * sum(map(_module_bytes, mods)) / bw, 1)}
+    out["lm_head"] = {"us": round(gemv[-1], 1), "bytes_us": round(1e6 * _module_bytes(model.lm_head) / bw, 1)}
+    return out
 
 
 def _by_kind(prof) -> dict:

@@ -13,6 +13,7 @@ from .report_engine import host_section, prefix_section, score_section, startup_
 from .report_kernels import (bound_section, decode_attn_section, gemv_section, prefill_profile_section, quant_section,
                              step_profile_section, w8a8_section)
 from .report_runs import plot, run_section
+from .report_targets import targets_section
 from .report_tp import tp_section
 
 HERE = Path(__file__).parent
@@ -33,6 +34,10 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
              "prompt 128 / 128 new tokens unless stated. Roofline = copy bandwidth / (weight bytes + "
              "KV bytes read per step at the mean context).", "",
              "![decode tok/s against batch size: ours, HF eager, HF compiled, bs=1 roofline](results.png)", ""]
+    profiles = [_load(p) for p in sorted(results.glob("profile-*.json")) if not p.name.startswith("profile-prefill")]
+    quant, tp = results / "quant-llama-7b.json", results / "tp-llama-7b.json"
+    lines += targets_section({r["model"]: r for r in runs}, _load(quant) if quant.is_file() else None,
+                             _load(tp) if tp.is_file() else None, profiles)
     for r in runs:
         lines += run_section(r)
     for p in sorted(results.glob("quant-*.json")):
@@ -55,10 +60,7 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
         lines += startup_section(_load(p))
     for p in sorted(results.glob("profile-prefill-*.json")):
         lines += prefill_profile_section(_load(p))
-    for p in sorted(results.glob("profile-*.json")):
-        f = _load(p)
-        if "modes" in f:
-            continue  # a prefill profile, above
+    for f in profiles:
         lines += step_profile_section(f)
     host = results / "host-cpu.json"
     if host.is_file():

@@ -102,11 +102,20 @@ def prefill_profile_section(f: dict) -> list[str]:
 
 
 def step_profile_section(f: dict) -> list[str]:
-    """``benchmarks.profile_step``: the kernels of one bs=1 decode step against its graph and the roofline."""
+    """``benchmarks.profile_step``: where a bs=1 decode step's graph replay goes, by kernel kind and by
+    linear, against the roofline."""
+    span = f["traced_replay_ms"] * 1e3
     lines = [f"## Where a bs=1 decode step goes, {f['model']}", "",
-             f"{f['device']}: engine step {f['engine_step_ms']:.3f} ms; bare replay of its CUDA graph "
-             f"{f['graph_replay_ms']:.3f} ms; the kernels alone (profiled eagerly) {f['kernel_sum_ms']:.3f} ms; "
-             f"roofline (weights / copy bandwidth) {f['roofline_ms']:.3f} ms.", "",
-             row(["kernels", "count", "us"]), row(["---"] * 3)]
-    lines += [row([k, v["count"], v["us"]]) for k, v in f["kernels"].items()] + [""]
-    return lines
+             f"{f['device']}, {f['date']}, torch {f['torch']}, PDL {f['pdl']}; `python -m benchmarks.profile_step`: "
+             f"engine step {f['engine_step_ms']:.3f} ms; a bare replay of its CUDA graph {f['graph_replay_ms']:.3f} ms; "
+             f"the replay traced by torch.profiler {f['traced_replay_ms']:.3f} ms (the trace's own cost is the "
+             f"difference); roofline (weights / copy bandwidth, {f['copy_bandwidth_GBs']:.0f} GB/s) "
+             f"{f['roofline_ms']:.3f} ms. Each kernel counts for how far it moves the end of the step's chain "
+             f"(under PDL a kernel overlaps its neighbours), median over {f['replays_traced']} traced replays.", "",
+             row(["kernels", "count", "us in the step", "share"]), row(["---"] * 4)]
+    lines += [row([k, v["count"], v["us"], f"{100 * v['us'] / span:.1f}%"]) for k, v in f["kernels"].items()]
+    if f["linears"]:
+        lines += ["", row(["linear (all layers)", "us in the step", "its bytes / copy bandwidth (us)",
+                           "lost (us)"]), row(["---"] * 4)]
+        lines += [row([n, v["us"], v["bytes_us"], f"{v['us'] - v['bytes_us']:.1f}"]) for n, v in f["linears"].items()]
+    return lines + [""]

@@ -1,0 +1,48 @@
+"""The step profile's accounting (each kernel's share of a chain whose kernels overlap under
+PDL) and the targets table that RESULTS.md opens with."""
+import random
+
+from benchmarks.profile_step import chain_shares
+from benchmarks.report import write_report
+from benchmarks.report_targets import targets_section
+
+
+def test_chain_shares_add_up_to_the_span_of_overlapping_kernels():
+    # a: 0-10; b starts under a (PDL) and ends at 14; c ends inside b; d starts after a gap
+    ks = [("a", 0.0, 10.0), ("b", 8.0, 14.0), ("c", 9.0, 13.0), ("d", 20.0, 21.0)]
+    assert chain_shares(ks) == [10.0, 4.0, 0.0, 7.0]
+    rng = random.Random(0)
+    for _ in range(50):
+        starts = sorted(rng.uniform(0, 100) for _ in range(30))
+        ks = [(str(i), s, s + rng.uniform(0.1, 20)) for i, s in enumerate(starts)]
+        shares = chain_shares(ks)
+        assert min(shares) >= 0
+        assert abs(sum(shares) - (max(e for _, _, e in ks) - ks[0][1])) < 1e-9
+
+
+def _run(name, pct, ms):
+    return {"model": name, "meta": {"date": "2026-01-01"}, "serving_speedup": {"eager": 30.0, "compiled": 2.5},
+            "ours": {"startup_s": 4.0, "decode": [{"pct_roofline": pct, "ms_per_step": ms, "replay_ms": ms,
+                                                   "replay_pct_roofline": pct, "tok_s": 1e3 / ms}]},
+            "hf": {"compiled": {"decode": [{"warmup_s": 20.0}]}}}
+
+
+def test_targets_state_each_miss_and_its_margin():
+    runs = {"llama-1b": _run("llama-1b", 80.0, 1.0), "llama-7b": _run("llama-7b", 90.0, 5.0)}
+    text = "\n".join(targets_section(runs, None, None, []))
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| 5 |")}
+    assert "missed by 5.0 points" in rows["llama-1b fp16 bs=1 decode, % of the memory roofline"]
+    assert "0.941 ms" in rows["llama-1b fp16 bs=1 decode, % of the memory roofline"]  # 1.0 ms * 80 / 85
+    assert rows["llama-7b fp16 bs=1 decode, % of the memory roofline"].endswith("| met | 2026-01-01 |")
+    assert "| met |" in rows["serving workload, output tok/s over HF eager static batches"]
+    assert "missed by 0.5x" in rows["serving workload, output tok/s over HF compiled static batches"]
+
+
+def test_results_md_regenerates_from_the_committed_files(tmp_path):
+    from pathlib import Path
+    results = Path(__file__).parent.parent / "benchmarks" / "results"
+    out = tmp_path / "RESULTS.md"
+    write_report(results, out)
+    text = out.read_text()
+    assert text.index("## Targets") < text.index("## llama-1b")
+    assert text == (results.parent / "RESULTS.md").read_text()  # the committed report is the regenerated one
