@@ -30,8 +30,8 @@ from .models import build
 _DECODE = dec._decode
 
 
-def _force(tile: tuple[int, int] | None) -> None:
-    """Make every decode launch take ``tile`` (keys, warps); None: decode_tile's choice."""
+def _force(tile: tuple[int, ...] | None) -> None:
+    """Make every decode launch take ``tile`` (keys, warps[, context slices]); None: decode_tile's choice."""
     if tile is None:
         dec._decode = _DECODE
         return
@@ -39,6 +39,8 @@ def _force(tile: tuple[int, int] | None) -> None:
     def forced(*args, **kw):
         kw.setdefault("block_n", tile[0])
         kw.setdefault("num_warps", tile[1])
+        if len(tile) > 2:
+            kw.setdefault("num_splits", tile[2])
         return _DECODE(*args, **kw)
     dec._decode = forced
 
@@ -56,7 +58,7 @@ def _recapture(eng, sizes: tuple[int, ...]) -> None:
     torch.cuda.synchronize()
 
 
-def run(name: str, root: Path, tiles: list[tuple[int, int]], ctxs: list[int], sizes=(1, 8)) -> dict:
+def run(name: str, root: Path, tiles: list[tuple[int, ...]], ctxs: list[int], sizes=(1, 8)) -> dict:
     path, model = build(name, root)
     del model
     torch.cuda.empty_cache()
@@ -69,7 +71,7 @@ def run(name: str, root: Path, tiles: list[tuple[int, int]], ctxs: list[int], si
             for tile in [None, *tiles]:
                 _force(tile)
                 _recapture(eng, sizes)
-                row = {"round": rnd, "tile": "default" if tile is None else f"{tile[0]}:{tile[1]}"}
+                row = {"round": rnd, "tile": "default" if tile is None else ":".join(map(str, tile))}
                 for ctx in ctxs:
                     for b in sizes:
                         row[f"bs{b}_ctx{ctx}_ms"] = ours.replay_ms(eng, b, ctx)
@@ -87,7 +89,7 @@ def run(name: str, root: Path, tiles: list[tuple[int, int]], ctxs: list[int], si
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-1b")
-    ap.add_argument("--tiles", nargs="+", default=["64:4", "256:8"], help="keys:warps, each against the default")
+    ap.add_argument("--tiles", nargs="+", default=["64:4", "256:8"], help="keys:warps[:slices], each against the default")
     ap.add_argument("--ctx", type=int, nargs="+", default=[192, 1024, 4000],
                     help="contexts (within the model's positions: OPT's end at 2,048)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="decode graphs to time (the first is checked)")

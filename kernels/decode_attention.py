@@ -198,22 +198,30 @@ def check_attention_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             raise ValueError(f"{name} needs a contiguous last dim, got strides {t.stride()}")
 
 
-def decode_tile(num_splits: int, head_dim: int, fused: bool) -> tuple[int, int]:
+def decode_tile(num_splits: int, head_dim: int, group: int, fused: bool) -> tuple[int, int]:
     """(keys per tile, warps) for a decode launch of ``num_splits`` context slices per
-    (sequence, KV head), heads of ``head_dim``; ``fused``: a pure decode step (new_kv, not mixed).
+    (sequence, KV head), heads of ``head_dim``, ``group`` query heads per KV head; ``fused``:
+    a pure decode step (new_kv, not mixed).
 
     A fused launch loads its slice's first tile before the PDL wait (EARLY in the kernel).
-    When few (sequence, KV head) pairs share the grid, as at bs=1 on a model with few KV
-    heads, each gets 32 or more slices, and 256-key tiles make every slice one tile at
-    contexts up to 8k, so all of the step's K/V loads go before the wait. Llama-1B's bs=1 step
-    (8 KV heads of 64, 33 slices; H100, 2026-11-24): 1.253 -> 1.162 ms at a 4,000-token
-    context, 1.147 -> 1.130 at 1,024, level at 192. With more pairs (Llama-1B bs=8, 5 slices)
-    the large tile lost up to 8%, and so did 128- and 256-key tiles on the MHA shapes (the
-    7B's heads of 128 and OPT-1.3B's of 64, 9 slices at bs=1), and on Llama-3-8B's 8 KV heads
-    of 128 even at 33 slices (the tile holds twice the bytes), so those keep 64 keys on 4 warps.
+    When few (sequence, KV head) pairs share the grid, as at bs=1, each gets many slices, and
+    256-key tiles make every slice one tile at contexts up to 8k: all of the step's K/V loads
+    go before the wait, and a short context sits in one slice, with no merge. That pays with
+    32 or more slices, or 9 or more where a program attends one query head (MHA: a quarter
+    of a GQA group's work per tile), on 4 warps below 16 slices. Bare replay of the decode
+    graphs (H100, 2026-11-25, ms at 192 / 1,024 / 2,000 or 4,000 tokens):
+    - Llama-1B bs=1 (8 KV heads of 64, 33 slices): 256:8 1.032 / 1.077 / 1.114 (64:4 1.077 /
+      1.148 / 1.252 on 2026-11-24); at bs=2-8 (17-5 slices) 64 keys stay best at 192 tokens;
+    - OPT-1.3B bs=1 (MHA of 64, 9 slices): 64:4 1.269 / 1.372 / 1.486 -> 256:4 1.217 / 1.310 /
+      1.379 (256:8 1.228 / 1.320 / 1.363);
+    - GPT-2 bs=1 (12 heads, 22 slices): 64:4 0.319 / 0.365 -> 256:8 0.311 / 0.337 (192 / 1,000).
+    Heads over 64 keep 64 keys: the 7B's (MHA of 128, 9 slices at bs=1) lost with every larger
+    tile at 192 tokens, as Llama-3-8B's 8 KV heads of 128 did even at 33 slices (2026-11-24).
+    128-key tiles for MHA with 1-3 slices won at some batch sizes and lost at others (the 7B
+    at bs=8 4,000 tokens 11.61 -> 10.59 ms, at bs=4 7.59 -> 8.14), so they are not used.
     """
-    if fused and num_splits >= 32 and head_dim <= 64:
-        return 256, 8
+    if fused and head_dim <= 64 and (num_splits >= 32 or (group == 1 and num_splits >= 9)):
+        return 256, 8 if num_splits >= 16 else 4
     return 64, 4
 
 
@@ -236,7 +244,7 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
     G = H // Hkv
     if num_splits is None:  # enough programs to fill the GPU twice over
         num_splits = triton.cdiv(2 * _num_sms(q.device), B * Hkv)
-    tile_n, tile_warps = decode_tile(num_splits, D, fused=new_kv is not None and not mixed)
+    tile_n, tile_warps = decode_tile(num_splits, D, G, new_kv is not None and not mixed)
     block_n, num_warps = block_n or tile_n, num_warps or tile_warps
     # 256-key tiles come with slices of one tile up to 8k tokens: the loop rarely runs, and a
     # pipelined loop's prologue loads would follow q's on the critical path. Unpipelined, bare

@@ -159,15 +159,29 @@ def test_decode_attention(num_splits, H, Hkv, D, rotary_dim, interleaved, dtype,
         assert not dec._COUNTERS.get(q.device, torch.zeros(1)).any()  # each launch leaves them at zero
 
 
-def test_decode_attention_large_tiles():
-    """The tile decode_tile picks for few (sequence, KV head) pairs: 256 keys on 8 warps,
-    with contexts over several slices, one ending mid-tile, and one short."""
-    q, k, v, rope, kc, vc, slots, tables, ctx = _decode_inputs([600, 5, 300], [], 8, 2, 32, 32, torch.float16)
-    assert dec.decode_tile(33, 32, fused=True) == (256, 8)
+def test_decode_tile_rule():
+    """decode_tile's tiles: 256 keys where each (sequence, KV head) has many slices (fewer for
+    MHA), else 64; never larger tiles for mixed steps or heads over 64."""
+    assert dec.decode_tile(33, 64, 4, True) == (256, 8)  # Llama-1B at bs=1
+    assert dec.decode_tile(9, 64, 4, True) == (64, 4)  # and at bs=4
+    assert dec.decode_tile(9, 64, 1, True) == (256, 4)  # OPT-1.3B at bs=1
+    assert dec.decode_tile(22, 64, 1, True) == (256, 8)  # GPT-2 at bs=1
+    assert dec.decode_tile(5, 64, 1, True) == (64, 4)
+    assert dec.decode_tile(9, 128, 1, True) == dec.decode_tile(33, 128, 4, True) == (64, 4)  # the 7B, Llama-3-8B
+    assert dec.decode_tile(33, 64, 4, False) == dec.decode_tile(9, 64, 1, False) == (64, 4)
+
+
+@pytest.mark.parametrize("H,Hkv,splits,block_n,warps", [
+    (8, 2, 3, 256, 8),  # GQA, few pairs
+    (4, 4, 3, 256, 4),  # MHA, several slices
+])
+def test_decode_attention_large_tiles(H, Hkv, splits, block_n, warps):
+    """decode_tile's larger tiles, with contexts over several slices, one ending mid-tile, and one short."""
+    q, k, v, rope, kc, vc, slots, tables, ctx = _decode_inputs([600, 5, 300], [], H, Hkv, 32, 32, torch.float16)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV)
-    dec._decode(q, kc, vc, tables, None, ctx, 0.2, None, None, out, num_splits=3, block_n=256, num_warps=8,
-                new_kv=(k, v, *rope, False, slots))
+    dec._decode(q, kc, vc, tables, None, ctx, 0.2, None, None, out, num_splits=splits, block_n=block_n,
+                num_warps=warps, new_kv=(k, v, *rope, False, slots))
     ref = attn.decode_attention_ref(q, k, v, *rope, False, kc_ref, vc_ref, slots, tables, ctx, 0.2)
     _check_attn(out, ref, torch.float16)
     torch.testing.assert_close(vc, vc_ref, atol=0, rtol=0)

@@ -153,6 +153,7 @@ def _check_decode_step(out, ref, kc, kc_ref, vc, vc_ref, slots, dtype):
 @pytest.mark.parametrize("H,Hkv,D,rotary_dim,interleaved,alibi,window", [
     (32, 8, 128, 128, False, False, None),  # Llama 3
     (32, 8, 64, 64, False, False, None),  # Llama 3.2 1B: 256-key tiles at B=1 (decode_tile)
+    (32, 32, 64, 64, False, False, None),  # OPT-1.3B: 256-key tiles on 4 warps at B=1
     (32, 32, 128, 128, False, False, 1000),  # MHA with a sliding window
     (16, 16, 256, 64, True, False, None),  # GPT-J
     (32, 32, 80, 32, False, False, None),  # NeoX: partial rotary
