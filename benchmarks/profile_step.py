@@ -57,18 +57,12 @@ def profile(name: str, root: Path, mode: str = "fp16", replays: int = 5) -> dict
     bw = copy_bandwidth()
     shares = [chain_shares(r) for r in runs]
     med = [statistics.median(s) for s in zip(*shares)]  # each kernel's share, median over the replays
-    by_kind: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    for (kname, _, _), us in zip(runs[0], med):
-        k = by_kind[_kind(kname)]
-        k[0] += 1
-        k[1] += us
     return {"model": name if mode == "fp16" else f"{name} {mode}", "device": torch.cuda.get_device_name(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
             "pdl": pdl.use(torch.device("cuda")), "weight_bytes": wb, "copy_bandwidth_GBs": bw / 1e9,
             "roofline_ms": 1e3 * wb / bw, "engine_step_ms": step["ms_per_step"], "graph_replay_ms": replay_ms,
             "traced_replay_ms": statistics.median(sum(s) for s in shares) / 1e3, "replays_traced": replays,
-            "kernels": {k: {"count": c, "us": round(us, 1)} for k, (c, us) in
-                        sorted(by_kind.items(), key=lambda kv: -kv[1][1])},
+            "kernels": _group((kname, 1, us) for (kname, _, _), us in zip(runs[0], med)),
             "linears": _linear_shares(eng.runner.model, runs[0], med, bw)}
 
 
@@ -114,23 +108,29 @@ def _linear_shares(model, kernels, shares, bw: float) -> dict:
     layers = model.layers
     if layers[0].parallel or len(gemv) != 4 * len(layers) + 1:
         return {}
+    per_layer = [(b.attn.qkv, b.attn.o, b.mlp.up, b.mlp.down) for b in layers]  # in the step's order
     out = {}
     for i, name in enumerate(("qkv", "o", "up", "down")):
-        mods = [(b.attn.qkv, b.attn.o, b.mlp.up, b.mlp.down)[i] for b in layers]
         out[name] = {"us": round(sum(gemv[i:-1:4]), 1),
-                     "bytes_us": round(1e6 * sum(map(_module_bytes, mods)) / bw, 1)}
+                     "bytes_us": round(1e6 * sum(_module_bytes(mods[i]) for mods in per_layer) / bw, 1)}
     out["lm_head"] = {"us": round(gemv[-1], 1), "bytes_us": round(1e6 * _module_bytes(model.lm_head) / bw, 1)}
     return out
 
 
 def _by_kind(prof) -> dict:
+    """A profile's device kernels, their counts and total us, by kind."""
+    evs = ((ev.key, ev.count, getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0))
+           for ev in prof.key_averages())
+    return _group((name, n, us) for name, n, us in evs if us > 0 and n)
+
+
+def _group(kernels) -> dict:
+    """(kernel name, count, us) summed by kind, the largest first."""
     by_kind: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if us > 0 and ev.count:
-            k = by_kind[_kind(ev.key)]
-            k[0] += ev.count
-            k[1] += us
+    for name, n, us in kernels:
+        k = by_kind[_kind(name)]
+        k[0] += n
+        k[1] += us
     return {k: {"count": v[0], "us": round(v[1], 1)} for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][1])}
 
 
