@@ -91,6 +91,25 @@ def _where(p: dict) -> str:
             f"(us lost per linear, all layers: {lost}); then " + ", ".join(f"{n} {us:.0f} us" for n, us in rest) + ".")
 
 
+def w8a16_budget(p16: dict, p8: dict, speedup: float = 1.8) -> str:
+    """What ``speedup`` over the fp16 step asks of the W8A16 one (two decode profiles of one
+    model): the loss its GEMVs may have against their bytes if its norms cost nothing and its
+    attention and other kernels took fp16's time, per GEMV, against what each loses now."""
+    n = p16["kernels"]["gemm"]["count"] - 1  # the layers' GEMVs, less the LM head
+    lin8 = p8["linears"]
+    fixed = sum(v["bytes_us"] for k, v in lin8.items() if k != "lm_head") + lin8["lm_head"]["us"]
+    fixed += sum(v["us"] for k, v in p16["kernels"].items() if k not in ("gemm", "norm"))
+    allowed = 1e3 * p16["traced_replay_ms"] / speedup - fixed
+    lost16 = sum(v["us"] - v["bytes_us"] for k, v in p16["linears"].items() if k != "lm_head")
+    lost8 = sum(v["us"] - v["bytes_us"] for k, v in lin8.items() if k != "lm_head")
+    return (f"- **What {speedup}x asks of W8A16** (the traced replays of {p16['model']} and {p8['model']} above): a {p16['traced_replay_ms'] / speedup:.3f} ms "
+            f"step. With its norm kernels gone and its attention and other kernels as fast as fp16's, its {n} GEMVs "
+            f"of the layers could lose {allowed:.0f} us against their bytes, {allowed / n:.1f} us each. They lose "
+            f"{lost8 / n:.1f} us each now, and fp16's GEMVs, which stream twice the bytes in the same kernels, "
+            f"{lost16 / n:.1f} us. 85% of the W8A16 roofline asks for about as much: a "
+            f"{p8['roofline_ms'] / 0.85:.3f} ms step.")
+
+
 def targets_section(runs: dict[str, dict], quant: dict | None, tp: dict | None, profiles: list[dict]) -> list[str]:
     """The targets of issues 5, 6 and 7 against the figures in ``runs`` (``benchmarks.run`` files by
     model), ``quant`` (the 7B quantization file), ``tp`` (the 7B tensor-parallel file) and the
@@ -106,4 +125,7 @@ def targets_section(runs: dict[str, dict], quant: dict | None, tp: dict | None, 
         lines += ["", "Where the bs=1 step goes (`python -m benchmarks.profile_step`: a traced replay of the decode "
                   "graph, each kernel counted for how far it moves the end of the chain; sections below):", ""]
         lines += where
+    by = {p["model"]: p for p in profiles if p.get("linears")}
+    if quant and f"{quant['model']} w8a16" in by and quant["model"] in by:
+        lines.append(w8a16_budget(by[quant["model"]], by[f"{quant['model']} w8a16"]))
     return lines + [""]

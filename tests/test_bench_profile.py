@@ -4,7 +4,7 @@ import random
 
 from benchmarks.profile_step import chain_shares
 from benchmarks.report import write_report
-from benchmarks.report_targets import targets_section
+from benchmarks.report_targets import targets_section, w8a16_budget
 
 
 def test_chain_shares_add_up_to_the_span_of_overlapping_kernels():
@@ -46,3 +46,20 @@ def test_results_md_regenerates_from_the_committed_files(tmp_path):
     text = out.read_text()
     assert text.index("## Targets") < text.index("## llama-1b")
     assert text == (results.parent / "RESULTS.md").read_text()  # the committed report is the regenerated one
+
+
+def test_w8a16_budget_is_what_the_speedup_leaves_the_gemvs():
+    def prof(model, ms, kinds, linears):
+        return {"model": model, "traced_replay_ms": ms, "roofline_ms": 1.7, "kernels": kinds,
+                "linears": {k: {"us": u, "bytes_us": b} for k, (u, b) in linears.items()}}
+    p16 = prof("m", 3.6, {"gemm": {"count": 5, "us": 3300}, "attention": {"count": 1, "us": 100},
+                          "norm": {"count": 1, "us": 2}, "copies": {"count": 1, "us": 10}},
+               {"qkv": (1000, 960), "o": (500, 480), "up": (1000, 980), "down": (700, 660), "lm_head": (90, 90)})
+    p8 = prof("m w8a16", 2.4, {"gemm": {"count": 5, "us": 2000}, "attention": {"count": 1, "us": 150},
+                               "norm": {"count": 2, "us": 60}},
+              {"qkv": (530, 480), "o": (280, 240), "up": (550, 490), "down": (380, 330), "lm_head": (90, 90)})
+    # 3600 / 1.8 = 2000 us, less the int8 bytes (1540), the LM head (90) and fp16's attention and copies (110)
+    text = w8a16_budget(p16, p8)
+    assert "a 2.000 ms step" in text and "could lose 260 us" in text and "65.0 us each" in text
+    assert "They lose 50.0 us each now" in text and "GEMVs, which stream twice the bytes in the same kernels, 30.0 us" in text
+    assert "a 2.000 ms step." in text  # 1.7 / 0.85
