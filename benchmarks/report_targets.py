@@ -102,8 +102,8 @@ def w8a16_budget(p16: dict, p8: dict, speedup: float = 1.8) -> str:
     allowed = 1e3 * p16["traced_replay_ms"] / speedup - fixed
     lost16 = sum(v["us"] - v["bytes_us"] for k, v in p16["linears"].items() if k != "lm_head")
     lost8 = sum(v["us"] - v["bytes_us"] for k, v in lin8.items() if k != "lm_head")
-    return (f"- **What {speedup}x asks of W8A16** (the traced replays of {p16['model']} and {p8['model']} above): a {p16['traced_replay_ms'] / speedup:.3f} ms "
-            f"step. With its norm kernels gone and its attention and other kernels as fast as fp16's, its {n} GEMVs "
+    return (f"- **What {speedup}x asks of W8A16** (the traced replays of {p16['model']} and {p8['model']} above): "
+            f"a {p16['traced_replay_ms'] / speedup:.3f} ms step. With its norm kernels gone and its attention and other kernels as fast as fp16's, its {n} GEMVs "
             f"of the layers could lose {allowed:.0f} us against their bytes, {allowed / n:.1f} us each. They lose "
             f"{lost8 / n:.1f} us each now, and fp16's GEMVs, which stream twice the bytes in the same kernels, "
             f"{lost16 / n:.1f} us. 85% of the W8A16 roofline asks for about as much: a "
