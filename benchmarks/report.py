@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from .report_engine import host_section, prefix_section, score_section, startup_section
+from .report_reference import reference_section
 from .report_kernels import (bound_section, decode_attn_section, gemv_section, prefill_profile_section, quant_section,
                              step_profile_section, w8a8_section)
 from .report_runs import plot, run_section
@@ -27,7 +28,7 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
     results = Path(results)
     runs = [_load(p) for p in sorted(results.glob("*.json"))
             if not p.name.startswith(("quant-", "tp-", "profile-", "gemv-", "w8a8-", "attn-", "pdl-", "decode-attn",
-                                      "host-", "prefix-", "score-", "bound-", "startup-"))]
+                                      "host-", "prefix-", "score-", "bound-", "startup-", "reference-"))]
     lines = ["# Benchmark results", "",
              "Regenerate with `python -m benchmarks.run` on a GPU machine (or `python -m benchmarks.report`"
              " to redraw from the JSON in `benchmarks/results/`). Random-init fp16 weights, greedy, "
@@ -36,12 +37,15 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
              "![decode tok/s against batch size: ours, HF eager, HF compiled, bs=1 roofline](results.png)", ""]
     profiles = [_load(p) for p in sorted(results.glob("profile-*.json")) if not p.name.startswith("profile-prefill")]
     quant, tp = results / "quant-llama-7b.json", results / "tp-llama-7b.json"
+    refs = [_load(p) for p in sorted(results.glob("reference-*.json"))]
     lines += targets_section({r["model"]: r for r in runs}, _load(quant) if quant.is_file() else None,
-                             _load(tp) if tp.is_file() else None, profiles)
+                             _load(tp) if tp.is_file() else None, profiles, refs)
     for r in runs:
         lines += run_section(r)
     for p in sorted(results.glob("quant-*.json")):
         lines += quant_section(_load(p))
+    for r in refs:
+        lines += reference_section(r)
     for p in sorted(results.glob("gemv-*.json")):
         lines += gemv_section(_load(p), p.stem[5:])
     for p in sorted(results.glob("decode-attn-*.json")):

@@ -6,6 +6,7 @@ compares them with the targets, so that a missed target is stated once, with its
 from __future__ import annotations
 
 from .report_md import row
+from .report_reference import reference_line
 
 
 def _cmp(value: float, target: float, unit: str, higher: bool = True, fmt: str = "{:.1f}") -> str:
@@ -110,10 +111,12 @@ def w8a16_budget(p16: dict, p8: dict, speedup: float = 1.8) -> str:
             f"{p8['roofline_ms'] / 0.85:.3f} ms step.")
 
 
-def targets_section(runs: dict[str, dict], quant: dict | None, tp: dict | None, profiles: list[dict]) -> list[str]:
+def targets_section(runs: dict[str, dict], quant: dict | None, tp: dict | None, profiles: list[dict],
+                    references: list[dict] = ()) -> list[str]:
     """The targets of issues 5, 6 and 7 against the figures in ``runs`` (``benchmarks.run`` files by
-    model), ``quant`` (the 7B quantization file), ``tp`` (the 7B tensor-parallel file) and the
-    decode ``profiles`` that carry per-linear shares."""
+    model), ``quant`` (the 7B quantization file), ``tp`` (the 7B tensor-parallel file), the
+    decode ``profiles`` that carry per-linear shares, and the outside yardsticks in ``references``
+    (``benchmarks.compiled_ref``)."""
     rows = _decode_rows(runs) + (_quant_rows(quant) if quant else []) + (_tp_rows(tp) if tp else [])
     lines = ["## Targets", "",
              "The speed targets of the issues against the latest figures below (bs=1: the engine's step, "
@@ -128,4 +131,5 @@ def targets_section(runs: dict[str, dict], quant: dict | None, tp: dict | None, 
     by = {p["model"]: p for p in profiles if p.get("linears")}
     if quant and f"{quant['model']} w8a16" in by and quant["model"] in by:
         lines.append(w8a16_budget(by[quant["model"]], by[f"{quant['model']} w8a16"]))
+    lines += [reference_line(r) for r in references if "fp16" in r["steps"] and len(r["steps"]) > 1]
     return lines + [""]

@@ -64,3 +64,19 @@ def test_w8a16_budget_is_what_the_speedup_leaves_the_gemvs():
     assert "They lose 50.0 us each now" in text
     assert "GEMVs, which stream twice the bytes in the same kernels, 30.0 us" in text
     assert "asks for about as much: a 2.200 ms step." in text  # the roofline's 1.87 ms / 0.85
+
+
+def test_reference_line_takes_the_yardsticks_best_int8_and_our_ratio_beside_it():
+    from benchmarks.report_reference import reference_line, reference_section
+
+    step = lambda ms, pct: {"ms": ms, "pct_roofline": pct, "compile_s": 1.0}  # noqa: E731
+    d = {"model": "m", "ctx": 192, "meta": {"torch": "t", "device": "d", "date": "2026-01-01", "transformers": "x",
+                                             "copy_bw_gb_s": 3000.0},
+         "steps": {"fp16": step(6.0, 70.0), "int8_row": step(5.0, 43.0), "int8_g128": step(8.0, 26.0)},
+         "ours": {"fp16": {"replay_ms": 4.5}, "w8a16": {"replay_ms": 3.0}}}
+    for r in d["steps"].values():
+        r["speedup_vs_fp16"] = 6.0 / r["ms"]
+    line = reference_line(d)
+    assert "(per-row scales, gpt-fast's) is 1.20x its fp16 step, at 43% of its roofline" in line
+    assert "ours on the same machine 1.50x (3.000 against 4.500 ms; its steps 5.000 and 6.000 ms)" in line
+    assert "| ours W8A16, groups of 128 | 3.000 |  | 1.50x |  |" in reference_section(d)
