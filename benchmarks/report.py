@@ -1,7 +1,7 @@
 """Regenerate benchmarks/RESULTS.md (and the plot) from benchmarks/results/*.json.
 
 This module assembles the document: the model runs first, then each other kind of result file
-in a fixed order, then the hand-written notes. The sections themselves are written in
+in a fixed order, then an index of the hand-written notes. The sections themselves are written in
 ``report_runs`` (model runs and the plot), ``report_kernels``, ``report_tp`` and ``report_engine``.
 """
 from __future__ import annotations
@@ -69,9 +69,13 @@ def write_report(results: Path = HERE / "results", out: Path = HERE / "RESULTS.m
     host = results / "host-cpu.json"
     if host.is_file():
         lines += host_section(_load(host))
-    notes = results / "notes.md"  # hand-written context for runs that did not finish
+    notes = results / "notes.md"  # hand-written context: experiments not kept, figures no result file holds
     if notes.is_file():
-        lines += [notes.read_text()]
+        # Indexed, not appended: appended, they made this file some 2,900 lines, most of it history.
+        heads = [h[3:] for h in notes.read_text().splitlines() if h.startswith("## ")]
+        lines += ["## Session notes", "", f"Each session's notes on its runs, newest first, are in "
+                  f"[`{results.name}/notes.md`]({results.name}/notes.md): what was tried and not kept, and "
+                  "figures that no result file holds.", ""] + [f"- {h}" for h in heads]
     Path(out).write_text("\n".join(lines) + "\n")
     plot(runs, Path(out).with_name("results.png"))
 
