@@ -65,7 +65,8 @@ def build(name: str, root: Path, dtype: torch.dtype = torch.float16):
     out = root / name
     if not (out / "config.json").is_file():
         model.save_pretrained(out, safe_serialization=True)
-        make_tokenizer(out)  # prompts are token ids; the tokenizer only completes the checkpoint
+        # prompts are token ids, but generated ids are detokenized as a server does: each must be a token
+        make_tokenizer(out, config.vocab_size)
     return out, model
 
 

@@ -148,14 +148,15 @@ def serving_workload(n: int = 1000, seed: int = 0) -> list[tuple[int, int]]:
 def serve(eng: LLMEngine, workload: list[tuple[int, int]], prompts: list[list[int]] | None = None) -> dict:
     """Submit every request at once and run to the end. ``prompts``: the token ids of each
     request (else random ones of the workload's lengths)."""
-    rng = random.Random(1)
+    if prompts is None:  # drawn before the clock starts: a client brings its prompts
+        rng = random.Random(1)
+        prompts = [_prompt(rng, plen, eng.spec.vocab) for plen, _ in workload]
     t0 = time.perf_counter()
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     gaps: list[float] = []
-    for i, (plen, olen) in enumerate(workload):
-        eng.add_request(prompts[i] if prompts is not None else _prompt(rng, plen, eng.spec.vocab),
-                        SamplingParams(max_new_tokens=olen, temperature=0, ignore_eos=True))
+    for prompt, (_, olen) in zip(prompts, workload):
+        eng.add_request(prompt, SamplingParams(max_new_tokens=olen, temperature=0, ignore_eos=True))
     produced = 0
     wait = _WaitClock(eng)
     steps = 0

@@ -20,3 +20,19 @@ def test_linear_shapes_cover_each_layers_matrices(name):
     assert sum(n * k for n, k in shapes.values()) == matrices
     hidden = model.get_input_embeddings().weight.shape[1]
     assert shapes["qkv"][1] == hidden and shapes["o"][0] == hidden
+
+
+def test_benchmark_tokenizer_covers_the_models_vocabulary(tmp_path):
+    # The benchmarks detokenize what random models sample, as a server does: every id of the
+    # model's vocabulary must be a token, or the decoder's unknown-id path is what gets timed.
+    from tests.tiny_models import VOCAB, make_tokenizer
+
+    n = hf_config("gpt2-124m").vocab_size
+    tok = make_tokenizer(tmp_path, n)
+    assert len(tok) == n
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ids = list(range(n - 200, n))
+    assert all(reloaded.convert_ids_to_tokens(i) is not None for i in ids)
+    assert len(reloaded.decode(ids)) >= 200  # each id decodes to at least one character
+    assert reloaded.decode(reloaded("Hello world, DeepSpeed is fast.")["input_ids"]) == "Hello world, DeepSpeed is fast."
+    assert len(make_tokenizer(tmp_path / "tiny")) == VOCAB  # the tests' own tokenizer is unchanged

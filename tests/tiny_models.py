@@ -42,8 +42,14 @@ def _configs():
 ARCHITECTURES = sorted(_configs())
 
 
-def make_tokenizer(out: Path):
-    """A byte-level BPE trained on a few sentences: any id decodes, text round-trips."""
+def make_tokenizer(out: Path, vocab_size: int = VOCAB):
+    """A byte-level BPE trained on a few sentences: any id decodes, text round-trips. A
+    ``vocab_size`` beyond what that text trains is filled with made-up merges of tokens
+    already there, so that every id a model of that vocabulary samples is a real token
+    (the benchmarks' models; an unknown id costs the incremental decoder ten times as much)."""
+    import json
+    import random
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,6 +59,18 @@ def make_tokenizer(out: Path):
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_TEXT], trainer)
+    if vocab_size > tok.get_vocab_size():
+        bpe = json.loads(tok.to_str())["model"]
+        vocab, merges = dict(bpe["vocab"]), [tuple(m) for m in bpe["merges"]]
+        pieces = [t for t in vocab if not t.startswith("<")]
+        rng = random.Random(0)
+        while len(vocab) < vocab_size:
+            a, b = rng.choice(pieces), rng.choice(pieces)
+            if len(a) + len(b) <= 12 and a + b not in vocab:
+                vocab[a + b] = len(vocab)
+                merges.append((a, b))
+                pieces.append(a + b)
+        tok.model = models.BPE(vocab=vocab, merges=merges)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                           "{% if add_generation_prompt %}<s>assistant: {% endif %}")
