@@ -29,8 +29,17 @@ def quantize_int8(w: torch.Tensor, group: int | None) -> tuple[torch.Tensor, tor
     return q.view(N, K), s.to(w.dtype)
 
 
+def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """y = x dequant(q, s)^T for :func:`quantize_int8`'s output, the dequant written as plain
+    torch for inductor to fuse."""
+    N, K = q.shape
+    if s.shape[1] == 1:  # one scale a row: it comes after the sum
+        return F.linear(x, q.to(x.dtype)) * s[:, 0]
+    return F.linear(x, (q.view(N, s.shape[1], -1).to(x.dtype) * s[..., None]).view(N, K))
+
+
 class Int8Linear(nn.Module):
-    """y = x dequant(W)^T, the dequant written as plain torch for inductor to fuse."""
+    """gpt-fast's weight-only int8 linear (:func:`int8_linear`)."""
 
     def __init__(self, w: torch.Tensor, group: int | None):
         super().__init__()
@@ -39,11 +48,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("s", s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, K = self.q.shape
-        if self.s.shape[1] == 1:  # one scale a row: it comes after the sum
-            return F.linear(x, self.q.to(x.dtype)) * self.s[:, 0]
-        w = self.q.view(N, self.s.shape[1], -1).to(x.dtype) * self.s[..., None]
-        return F.linear(x, w.view(N, K))
+        return int8_linear(x, self.q, self.s)
 
 
 def _linear(w: torch.Tensor, int8: bool, group: int | None) -> nn.Module:

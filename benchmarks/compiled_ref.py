@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .compiled_llama import CompiledLlama, quantize_int8
+from .compiled_llama import CompiledLlama, int8_linear, quantize_int8
 from .linears import linear_shapes, quantized
 from .models import SHAPES, build
 from .timing import copies_for, copy_bandwidth, time_calls
@@ -90,34 +90,21 @@ def step_ms(model: CompiledLlama, ctx: int, steps: int, rounds: int = 5) -> dict
             "compiled_vs_eager_max_abs_logit_diff": check, "streamed_bytes": model.streamed_bytes()}
 
 
-def _gemv16(x, w):
-    return F.linear(x, w)
-
-
-def _int8_row(x, q, s):
-    return F.linear(x, q.to(x.dtype)) * s
-
-
-def _int8_group(x, q, s):
-    N, K = q.shape
-    return F.linear(x, (q.view(N, s.shape[1], -1).to(x.dtype) * s[..., None]).view(N, K))
-
-
 def linear_rows(model: str, bw: float) -> list[dict]:
     """Each layer linear at M = 1: us and % of the copy bandwidth, per kernel."""
     from kernels.quant_gemm import wxa16_gemm
     from kernels.skinny_gemm import skinny_linear
 
-    compiled = {k: torch.compile(f, dynamic=False) for k, f in (("gemv16", _gemv16), ("int8_row", _int8_row),
-                                                 ("int8_g128", _int8_group))}
+    # One compiled function a kind: it specializes per shape and per scale layout.
+    gemv16, int8 = torch.compile(F.linear, dynamic=False), torch.compile(int8_linear, dynamic=False)
     rows = []
     for name, (N, K) in linear_shapes(model).items():
         x = torch.randn(1, K, device="cuda", dtype=torch.float16)
         w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies_for(2 * N * K))]
-        args = {"cublas": (F.linear, [(x, w) for w in w16]), "gemv16": (compiled["gemv16"], [(x, w) for w in w16]),
+        args = {"cublas": (F.linear, [(x, w) for w in w16]), "gemv16": (gemv16, [(x, w) for w in w16]),
                 "ours_fp16": (skinny_linear, [(x, w) for w in w16])}
         for mode, group in (("int8_row", None), ("int8_g128", 128)):
-            args[mode] = (compiled[mode], [(x, *quantize_int8(w, group)) for w in w16])
+            args[mode] = (int8, [(x, *quantize_int8(w, group)) for w in w16])
         ours8 = [quantized(N, K, 8, 128) for _ in range(copies_for(N * K))]
         args["ours_w8a16"] = (lambda x, q, s: wxa16_gemm(x, q, s, None, 8), [(x, q, s) for q, s in ours8])
         row = {"linear": name, "N": N, "K": K}
